@@ -1,0 +1,271 @@
+"""COCO polygon/RLE annotations -> per-image class masks, validated up front and cached once.
+
+Class ids: Background = 0 (pixels no annotation covers), categories in id order = 1..N.
+Overlaps are painted largest area first so small objects stay on top.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import cv2
+import numpy as np
+from filelock import FileLock
+from pycocotools import mask as mask_utils
+
+from training.errors import DataError
+
+BACKGROUND = "Background"
+# Bump when rasterisation changes so old caches are not reused.
+RASTER_VERSION = 1
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("SEGTUNE_CACHE", Path.home() / ".cache" / "segtune"))
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: int
+    file_name: str
+    width: int
+    height: int
+    fields: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass
+class CocoIndex:
+    """One annotation file: its classes, images and annotations, already validated."""
+
+    root: Path
+    ann_path: Path
+    content_hash: str
+    classes: list[str]  # index = class id; classes[0] == "Background"
+    images: list[ImageRecord]
+    anns_by_image: dict[int, list[dict[str, Any]]]
+    label_of_category: dict[int, int]
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [img.id for img in self.images]
+
+    def image(self, image_id: int) -> ImageRecord:
+        return self._by_id[image_id]
+
+    def __post_init__(self) -> None:
+        self._by_id = {img.id: img for img in self.images}
+
+    def image_path(self, image_id: int) -> Path:
+        return self.root / self._by_id[image_id].file_name
+
+    def classes_present(self, image_id: int) -> set[int]:
+        return {self.label_of_category[a["category_id"]] for a in self.anns_by_image.get(image_id, [])}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _normalise_expected(expected: Iterable[str] | None) -> list[str] | None:
+    if expected is None:
+        return None
+    names = list(expected)
+    if names and names[0] == BACKGROUND:
+        names = names[1:]
+    return names
+
+
+def load_coco(
+    root: str | Path,
+    ann_file: str = "train.json",
+    expected_classes: Iterable[str] | None = None,
+    check_images: bool = True,
+) -> CocoIndex:
+    """Parse and validate a COCO file; every problem is a DataError naming the file and id."""
+    root = Path(root)
+    ann_path = root / ann_file
+    src = str(ann_path)
+    if not ann_path.is_file():
+        raise DataError(f"{src}: annotation file not found")
+    try:
+        with open(ann_path, encoding="utf-8") as f:
+            coco = json.load(f)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{src}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    if not isinstance(coco, dict):
+        raise DataError(f"{src}: top level must be a COCO object with images/categories/annotations")
+    for key in ("images", "categories"):
+        if not isinstance(coco.get(key), list):
+            raise DataError(f"{src}: missing or invalid '{key}' list")
+    categories = sorted(coco["categories"], key=lambda c: c.get("id", 0))
+    names = []
+    for cat in categories:
+        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or not isinstance(cat.get("name"), str):
+            raise DataError(f"{src}: category {cat!r} needs an integer 'id' and a 'name'")
+        names.append(cat["name"])
+    if len(set(c["id"] for c in categories)) != len(categories):
+        raise DataError(f"{src}: duplicate category ids")
+    expected = _normalise_expected(expected_classes)
+    if expected is not None and names != expected:
+        raise DataError(f"{src}: categories {names} differ from the configured data.classes {expected}")
+    label_of_category = {cat["id"]: i + 1 for i, cat in enumerate(categories)}
+
+    images: list[ImageRecord] = []
+    seen: set[int] = set()
+    for img in coco["images"]:
+        if not isinstance(img, dict):
+            raise DataError(f"{src}: image entry {img!r} is not an object")
+        image_id = img.get("id")
+        if not isinstance(image_id, int):
+            raise DataError(f"{src}: image {img.get('file_name', '?')!r} has no integer 'id'")
+        if image_id in seen:
+            raise DataError(f"{src}: image id {image_id}: duplicate id")
+        seen.add(image_id)
+        for key in ("file_name", "width", "height"):
+            if key not in img:
+                raise DataError(f"{src}: image id {image_id}: missing '{key}'")
+        extra = {k: v for k, v in img.items() if k not in ("id", "file_name", "width", "height")}
+        images.append(ImageRecord(image_id, img["file_name"], int(img["width"]), int(img["height"]), extra))
+    images.sort(key=lambda r: r.id)
+    by_id = {r.id: r for r in images}
+
+    anns_by_image: dict[int, list[dict[str, Any]]] = {}
+    for ann in coco.get("annotations") or []:
+        ann_id = ann.get("id", "?")
+        if ann.get("image_id") not in by_id:
+            raise DataError(f"{src}: annotation id {ann_id}: image_id {ann.get('image_id')!r} is not in images")
+        if ann.get("category_id") not in label_of_category:
+            raise DataError(f"{src}: annotation id {ann_id}: category_id {ann.get('category_id')!r} is not in categories")
+        img = by_id[ann["image_id"]]
+        _check_segmentation(ann.get("segmentation"), img, f"{src}: annotation id {ann_id} (image id {img.id})")
+        anns_by_image.setdefault(img.id, []).append(ann)
+
+    if check_images:
+        for img in images:
+            check_image_file(root, img, src)
+    return CocoIndex(root, ann_path, file_sha256(ann_path), [BACKGROUND, *names], images, anns_by_image, label_of_category)
+
+
+def _check_segmentation(seg: Any, img: ImageRecord, where: str) -> None:
+    if isinstance(seg, list):
+        if not seg:
+            raise DataError(f"{where}: empty segmentation")
+        for k, poly in enumerate(seg):
+            if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
+                n = len(poly) if isinstance(poly, list) else type(poly).__name__
+                raise DataError(f"{where}: polygon {k} has {n} coordinates (needs an even number >= 6)")
+            if not all(isinstance(v, (int, float)) and np.isfinite(v) for v in poly):
+                raise DataError(f"{where}: polygon {k} has non-numeric or non-finite coordinates")
+            xs, ys = np.asarray(poly[0::2], float), np.asarray(poly[1::2], float)
+            area = 0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1)))
+            if area <= 0:
+                raise DataError(f"{where}: polygon {k} has zero area")
+    elif isinstance(seg, dict):
+        size = seg.get("size")
+        if "counts" not in seg or not isinstance(size, list) or len(size) != 2:
+            raise DataError(f"{where}: RLE needs 'counts' and 'size' [height, width]")
+        if list(size) != [img.height, img.width]:
+            raise DataError(f"{where}: RLE size {size} differs from the image's [{img.height}, {img.width}]")
+    else:
+        raise DataError(f"{where}: segmentation must be polygons (list) or RLE (dict), got {type(seg).__name__}")
+
+
+def check_image_file(root: Path, img: ImageRecord, src: str) -> None:
+    """The image exists, decodes completely and has the size the json says."""
+    path = root / img.file_name
+    where = f"{src}: image id {img.id} ({path})"
+    if not path.is_file():
+        raise DataError(f"{where}: file not found")
+    data = np.fromfile(path, dtype=np.uint8)
+    # cv2 decodes truncated JPEGs silently with grey fill; the end-of-image marker catches that.
+    if data[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in data[-64:].tobytes():
+        raise DataError(f"{where}: corrupt image (truncated JPEG)")
+    decoded = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if decoded is None:
+        raise DataError(f"{where}: corrupt image (cannot decode)")
+    if decoded.shape[:2] != (img.height, img.width):
+        raise DataError(f"{where}: image is {decoded.shape[1]}x{decoded.shape[0]} but the json says {img.width}x{img.height}")
+
+
+def annotation_rle(ann: dict[str, Any], height: int, width: int) -> dict[str, Any]:
+    seg = ann["segmentation"]
+    if isinstance(seg, list):
+        return mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+    if isinstance(seg["counts"], list):  # uncompressed RLE
+        return mask_utils.frPyObjects(seg, height, width)
+    return seg
+
+
+def rasterize(index: CocoIndex, image_id: int) -> np.ndarray:
+    """The class mask (uint8, H x W) of one image: largest annotations painted first."""
+    img = index.image(image_id)
+    mask = np.zeros((img.height, img.width), dtype=np.uint8)
+    anns = index.anns_by_image.get(image_id, [])
+    if not anns:
+        return mask
+    rles = [annotation_rle(a, img.height, img.width) for a in anns]
+    areas = mask_utils.area(rles)
+    for k in np.argsort(-areas, kind="stable"):
+        mask[mask_utils.decode(rles[k]) > 0] = index.label_of_category[anns[k]["category_id"]]
+    return mask
+
+
+class MaskCache:
+    """Masks rasterised once per annotation-file content, stored as .npy files.
+
+    The key is the annotation file's sha256 plus the rasteriser version, so an edited
+    file gets a fresh cache and an unchanged one is never rasterised again.
+    """
+
+    def __init__(self, index: CocoIndex, cache_root: str | Path | None = None):
+        self.index = index
+        root = Path(cache_root) if cache_root else default_cache_root()
+        self.dir = root / "masks" / f"{index.content_hash[:20]}-v{RASTER_VERSION}"
+        self._marker = self.dir / ".complete"
+
+    def path(self, image_id: int) -> Path:
+        return self.dir / f"{image_id}.npy"
+
+    @property
+    def complete(self) -> bool:
+        return self._marker.is_file()
+
+    def build(self) -> "MaskCache":
+        """Rasterise every image not cached yet; safe when several processes call it at once."""
+        if self.complete:
+            return self
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.dir) + ".lock"):
+            if self.complete:
+                return self
+            for image_id in self.index.image_ids:
+                target = self.path(image_id)
+                if target.is_file():
+                    continue
+                fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
+                with os.fdopen(fd, "wb") as f:
+                    np.save(f, rasterize(self.index, image_id))
+                os.replace(tmp, target)
+            self._marker.write_text(json.dumps({"images": len(self.index.images), "classes": self.index.classes}))
+        return self
+
+    def load(self, image_id: int) -> np.ndarray:
+        return np.load(self.path(image_id))
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An RGB uint8 image."""
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise DataError(f"{path}: cannot read image")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

@@ -1,0 +1,167 @@
+"""Prepared data (validated index + mask cache + fold manifest) and the torch datasets over it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from training.data.coco import CocoIndex, MaskCache, load_coco, read_image
+from training.data.folds import FoldManifest, load_or_create_folds
+from training.data.transforms import build_transform
+from training.errors import DataError
+
+if TYPE_CHECKING:
+    import albumentations as A
+
+    from training.config import Config
+
+
+@dataclass
+class PreparedData:
+    """Everything a trainer needs about the data; cheap to send to Ray workers (no pixels)."""
+
+    index: CocoIndex
+    cache: MaskCache
+    manifest: FoldManifest
+    val_index: CocoIndex | None = None
+    val_cache: MaskCache | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.index.classes
+
+    def ensure_cached(self) -> None:
+        """Build the mask caches on this node if they are missing (e.g. a fresh Ray worker)."""
+        self.cache.build()
+        if self.val_cache is not None:
+            self.val_cache.build()
+
+
+def data_root(cfg: "Config") -> Path:
+    if cfg.data.root:
+        return Path(cfg.data.root)
+    from training.data.sample import ensure_sample_dataset
+
+    return ensure_sample_dataset()
+
+
+def prepare_data(cfg: "Config", check_images: bool = True, log=print) -> PreparedData:
+    """Validate the annotation files and images, rasterise masks once, load or make the folds.
+
+    Every data problem surfaces here, before any training starts.
+    """
+    root = data_root(cfg)
+    if not root.is_dir():
+        raise DataError(f"data.root: {root}: no such directory")
+    index = load_coco(root, cfg.data.train_json, cfg.data.classes, check_images=check_images)
+    if not index.anns_by_image:
+        raise DataError(f"{index.ann_path}: no annotations to train on")
+    cache = MaskCache(index, cfg.data.cache_dir).build()
+    manifest = load_or_create_folds(index, cfg.folds, cfg.data.cache_dir, log=log)
+    val_index = val_cache = None
+    if cfg.data.val_json:
+        val_index = load_coco(root, cfg.data.val_json, index.classes, check_images=check_images)
+        val_cache = MaskCache(val_index, cfg.data.cache_dir).build()
+    return PreparedData(index, cache, manifest, val_index, val_cache)
+
+
+def evenly_spaced(ids: Sequence[int], n: int | None) -> list[int]:
+    """At most `n` ids spread over the whole list, so a subset still spans every group."""
+    ids = sorted(ids)
+    if n is None or n >= len(ids):
+        return ids
+    picks = np.linspace(0, len(ids) - 1, n).round().astype(int)
+    return [ids[i] for i in picks]
+
+
+def fold_split(data: PreparedData, fold: int | None, subset: int | None) -> tuple[list[int], list[int]]:
+    """(train ids, val ids) of `fold`; `fold=None` trains on all of train_json and validates on val_json."""
+    keep = set(evenly_spaced(data.index.image_ids, subset))
+    if fold is None:
+        if data.val_index is None:
+            raise DataError("fold=None (holdout) needs data.val_json")
+        return sorted(keep), data.val_index.image_ids
+    if not 0 <= fold < data.manifest.n_splits:
+        raise DataError(f"fold {fold} is out of range: the manifest has {data.manifest.n_splits} folds")
+    train = [i for i in data.manifest.train_ids(fold) if i in keep]
+    val = [i for i in data.manifest.val_ids(fold) if i in keep]
+    return train, val
+
+
+class SegmentationDataset(Dataset):
+    """(image tensor C x H x W, mask tensor H x W long, image id) for the given images.
+
+    With `score_size`, the returned mask is the cached full-resolution mask resized (nearest)
+    to score_size x score_size, so metrics are computed at the competition's resolution.
+    """
+
+    def __init__(
+        self,
+        index: CocoIndex,
+        cache: MaskCache,
+        image_ids: Sequence[int],
+        transform: "A.Compose",
+        score_size: int | None = None,
+    ):
+        self.index = index
+        self.cache = cache
+        self.image_ids = list(image_ids)
+        self.transform = transform
+        self.score_size = score_size
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, i: int):
+        image_id = self.image_ids[i]
+        image = read_image(self.index.image_path(image_id))
+        mask = self.cache.load(image_id)
+        out = self.transform(image=image, mask=mask)
+        if self.score_size is not None:
+            target = cv2.resize(mask, (self.score_size, self.score_size), interpolation=cv2.INTER_NEAREST)
+            target = torch.from_numpy(target)
+        else:
+            target = out["mask"]
+        return out["image"], target.long(), image_id
+
+
+class ImageDataset(Dataset):
+    """Images only (test set prediction): (image tensor, image id)."""
+
+    def __init__(self, index: CocoIndex, image_ids: Sequence[int], transform: "A.Compose"):
+        self.index = index
+        self.image_ids = list(image_ids)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, i: int):
+        image_id = self.image_ids[i]
+        return self.transform(image=read_image(self.index.image_path(image_id)))["image"], image_id
+
+
+def make_datasets(cfg: "Config", data: PreparedData, fold: int | None) -> tuple[SegmentationDataset, SegmentationDataset]:
+    train_ids, val_ids = fold_split(data, fold, cfg.data.subset)
+    if not train_ids or not val_ids:
+        raise DataError(f"fold {fold}: {len(train_ids)} train and {len(val_ids)} val images; need both (raise data.subset?)")
+    aug = cfg.augment
+    size = cfg.data.image_size
+    train_tf = build_transform(aug.train, size, aug.mean, aug.std, train=True)
+    eval_tf = build_transform(aug.eval, size, aug.mean, aug.std, train=False)
+    val_index, val_cache = (data.val_index, data.val_cache) if fold is None else (data.index, data.cache)
+    train_ds = SegmentationDataset(data.index, data.cache, train_ids, train_tf)
+    val_ds = SegmentationDataset(val_index, val_cache, val_ids, eval_tf, score_size=cfg.data.score_size or size)
+    return train_ds, val_ds
+
+
+def seed_worker_transform(worker_id: int) -> None:
+    """DataLoader worker_init_fn: albumentations keeps its own RNG, seed it from torch's per-worker seed."""
+    info = torch.utils.data.get_worker_info()
+    info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)

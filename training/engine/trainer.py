@@ -1,0 +1,406 @@
+"""THE training loop, shared by train.py, Tune trials and k-fold tasks; only callbacks differ.
+
+AMP via torch.autocast (fp16 + GradScaler or bf16), optional channels_last, grad clipping,
+per-step LR schedules, separate encoder LR, seeded per epoch so a resumed run replays the
+same batches, checkpoints of everything needed to continue exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from training.data.dataset import PreparedData, make_datasets, seed_worker_transform
+from training.errors import NonFiniteLossError, SegtuneError
+from training.evaluation.metrics import ConfusionMatrix, resize_logits
+from training.modeling.losses import LossMix
+from training.modeling.models import build_model
+
+if TYPE_CHECKING:
+    from training.config import Config
+
+LAST = "last.pt"
+BEST = "best.pt"
+METRICS = "metrics.json"
+
+
+@dataclass
+class EpochResult:
+    epoch: int  # 1-based: epochs completed
+    train_loss: float
+    val_loss: float
+    val_miou: float
+    pixel_acc: float
+    per_class_iou: dict[str, float]
+    loss_terms: dict[str, float]
+    lr: float
+    epoch_seconds: float
+    img_per_s: float
+    is_best: bool
+    best_miou: float
+    best_epoch: int
+    out_dir: Path
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numeric metrics for Tune/MLflow (per-class IoU as iou_<class>, NaN dropped)."""
+        flat = {
+            "epoch": self.epoch,
+            "train_loss": self.train_loss,
+            "val_loss": self.val_loss,
+            "val_miou": self.val_miou,
+            "pixel_acc": self.pixel_acc,
+            "lr": self.lr,
+            "epoch_seconds": self.epoch_seconds,
+            "img_per_s": self.img_per_s,
+            "best_miou": self.best_miou,
+            "best_epoch": self.best_epoch,
+        }
+        flat.update({f"loss_{k}": v for k, v in self.loss_terms.items()})
+        flat.update({f"iou_{_metric_key(k)}": v for k, v in self.per_class_iou.items() if not math.isnan(v)})
+        return flat
+
+
+def _metric_key(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+class Callback(Protocol):
+    def __call__(self, result: EpochResult) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    best_miou: float
+    best_epoch: int
+    per_class_iou: dict[str, float]
+    epochs_trained: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    out_dir: Path | None = None
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise SegtuneError("trainer.device: cuda requested but no CUDA device is visible")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full fp32."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode == "bf16":
+        return torch.bfloat16
+    return torch.float16
+
+
+def build_optimizer(cfg: "Config", model: torch.nn.Module) -> torch.optim.Optimizer:
+    opt = cfg.optimizer
+    encoder_params = list(model.encoder.parameters())
+    encoder_ids = {id(p) for p in encoder_params}
+    other_params = [p for p in model.parameters() if id(p) not in encoder_ids]
+    groups = [
+        {"params": encoder_params, "lr": opt.lr * opt.encoder_lr_mult, "name": "encoder"},
+        {"params": other_params, "lr": opt.lr, "name": "decoder"},
+    ]
+    if opt.name == "sgd":
+        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=True)
+    cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=opt.lr, weight_decay=opt.weight_decay)
+
+
+def build_scheduler(cfg: "Config", optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """A per-step schedule over trainer.epochs."""
+    sched = cfg.scheduler
+    total = max(1, cfg.trainer.epochs * steps_per_epoch)
+    warmup = int(sched.warmup_epochs * steps_per_epoch)
+    if sched.name == "onecycle":
+        max_lrs = [g["lr"] for g in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=total, pct_start=sched.pct_start)
+    if sched.name == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    floor = sched.min_lr_ratio
+    power = sched.power
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if sched.name == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return (1 - progress) ** power  # poly
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919) % (2**31)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint without unpickling arbitrary objects (weights_only)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LAST
+    if not path.is_file():
+        raise SegtuneError(f"{path}: checkpoint not found")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class Trainer:
+    """Trains one config on one fold; `fit()` runs the epochs, calling callbacks after each."""
+
+    def __init__(
+        self,
+        cfg: "Config",
+        data: PreparedData,
+        fold: int | None,
+        out_dir: str | Path,
+        callbacks: Sequence[Callback] = (),
+        device: str | torch.device | None = None,
+        log: Callable[[str], None] = print,
+    ):
+        self.cfg = cfg
+        self.data = data
+        self.fold = fold
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.callbacks = list(callbacks)
+        self.log = log
+        self.device = torch.device(device) if device is not None else resolve_device(cfg.trainer.device)
+        self.dtype = amp_dtype(cfg.trainer.amp, self.device)
+        self.classes = data.classes
+
+        data.ensure_cached()
+        self.train_ds, self.val_ds = make_datasets(cfg, data, fold)
+        torch.manual_seed(cfg.trainer.seed)
+        self.model = build_model(cfg.model, len(self.classes)).to(self.device)
+        self.memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.memory_format)
+        self.loss_fn = LossMix(cfg.loss)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.train_loader = self._loader(self.train_ds, train=True)
+        self.val_loader = self._loader(self.val_ds, train=False)
+        self.scheduler = build_scheduler(cfg, self.optimizer, len(self.train_loader))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.epoch = 0
+        self.best_miou = -1.0
+        self.best_epoch = 0
+        self.best_per_class: dict[str, float] = {}
+        self.history: list[dict[str, Any]] = []
+
+    def _loader(self, ds, train: bool) -> DataLoader:
+        workers = self.cfg.data.num_workers
+        self._generator = getattr(self, "_generator", torch.Generator())
+        return DataLoader(
+            ds,
+            batch_size=self.cfg.data.batch_size,
+            shuffle=train,
+            drop_last=train and len(ds) > self.cfg.data.batch_size,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=seed_worker_transform if workers else None,
+            generator=self._generator if train else None,
+        )
+
+    # ---- checkpoints -------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "best_miou": self.best_miou,
+            "best_epoch": self.best_epoch,
+            "best_per_class": self.best_per_class,
+            "history": self.history,
+            "config": self.cfg.to_dict(),
+            "classes": self.classes,
+            "fold": self.fold,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch = state["epoch"]
+        self.best_miou = state["best_miou"]
+        self.best_epoch = state["best_epoch"]
+        self.best_per_class = state["best_per_class"]
+        self.history = list(state["history"])
+
+    def resume(self, checkpoint: str | Path) -> None:
+        state = load_checkpoint(checkpoint)
+        if state.get("classes") != self.classes:
+            raise SegtuneError(f"{checkpoint}: checkpoint classes {state.get('classes')} differ from the data's {self.classes}")
+        self.load_state_dict(state)
+        self.log(f"resumed from {checkpoint} at epoch {self.epoch}")
+
+    def _save(self, is_best: bool) -> None:
+        state = self.state_dict()
+        _atomic_save(state, self.out_dir / LAST)
+        if is_best:
+            best = {k: state[k] for k in ("model", "epoch", "best_miou", "best_per_class", "config", "classes", "fold")}
+            _atomic_save(best, self.out_dir / BEST)
+        summary = {
+            "best_miou": self.best_miou,
+            "best_epoch": self.best_epoch,
+            "per_class_iou": self.best_per_class,
+            "epochs_trained": self.epoch,
+            "fold": self.fold,
+            "history": self.history,
+        }
+        (self.out_dir / METRICS).write_text(json.dumps(summary, indent=1, allow_nan=True))
+
+    # ---- loops -------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    def train_one_epoch(self) -> tuple[float, dict[str, float], float]:
+        self.model.train()
+        seed = _epoch_seed(self.cfg.trainer.seed, self.epoch)
+        torch.manual_seed(seed)  # dropout etc.
+        self._generator.manual_seed(seed)  # shuffle order and worker seeds
+        self.train_ds.transform.set_random_seed(seed)  # augmentations when num_workers == 0
+        total, count = 0.0, 0
+        term_sums: dict[str, float] = {}
+        start = time.perf_counter()
+        for step, (images, masks, _) in enumerate(self.train_loader):
+            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            masks = masks.to(self.device, non_blocking=True)
+            with self._autocast():
+                logits = self.model(images)
+            loss, terms = self.loss_fn(logits, masks)
+            if not torch.isfinite(loss):
+                parts = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+                raise NonFiniteLossError(
+                    f"epoch {self.epoch + 1} step {step}: training loss is {loss.item()} ({parts}); "
+                    "lower optimizer.lr, keep trainer.grad_clip, or set trainer.amp: off"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if self.cfg.trainer.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            n = images.shape[0]
+            total += loss.item() * n
+            count += n
+            for k, v in terms.items():
+                term_sums[k] = term_sums.get(k, 0.0) + v.item() * n
+        seconds = time.perf_counter() - start
+        return total / max(count, 1), {k: v / max(count, 1) for k, v in term_sums.items()}, count / max(seconds, 1e-9)
+
+    @torch.no_grad()
+    def evaluate(self, keep_samples: int = 0):
+        """(val loss, scores, up to `keep_samples` (image, mask, pred) arrays for overlays)."""
+        self.model.eval()
+        cm = ConfusionMatrix(len(self.classes), self.cfg.loss.ignore_index)
+        total, count = 0.0, 0
+        samples = []
+        for images, masks, _ in self.val_loader:
+            images = images.to(self.device, memory_format=self.memory_format)
+            masks = masks.to(self.device)
+            with self._autocast():
+                logits = self.model(images)
+            logits = resize_logits(logits.float(), tuple(masks.shape[-2:]))
+            loss, _ = self.loss_fn(logits, masks)
+            pred = logits.argmax(1)
+            cm.update(pred, masks)
+            total += loss.item() * images.shape[0]
+            count += images.shape[0]
+            for i in range(min(images.shape[0], keep_samples - len(samples))):
+                samples.append((images[i].float().cpu().numpy(), masks[i].cpu().numpy(), pred[i].cpu().numpy()))
+        return total / max(count, 1), cm.scores(self.classes), samples
+
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        tag = f"fold {self.fold}" if self.fold is not None else "holdout"
+        self.log(
+            f"{cfg.model.arch}/{cfg.model.encoder} {tag}: {len(self.train_ds)} train / {len(self.val_ds)} val images, "
+            f"{self.device} amp={self.dtype or 'off'}"
+        )
+        while self.epoch < cfg.trainer.epochs:
+            start = time.perf_counter()
+            train_loss, terms, img_per_s = self.train_one_epoch()
+            val_loss, scores, samples = self.evaluate(keep_samples=cfg.trainer.overlays)
+            self.epoch += 1
+            is_best = scores.miou > self.best_miou
+            if is_best:
+                self.best_miou, self.best_epoch, self.best_per_class = scores.miou, self.epoch, scores.per_class_iou
+            seconds = time.perf_counter() - start
+            result = EpochResult(
+                epoch=self.epoch,
+                train_loss=train_loss,
+                val_loss=val_loss,
+                val_miou=scores.miou,
+                pixel_acc=scores.pixel_acc,
+                per_class_iou=scores.per_class_iou,
+                loss_terms=terms,
+                lr=self.optimizer.param_groups[-1]["lr"],
+                epoch_seconds=seconds,
+                img_per_s=img_per_s,
+                is_best=is_best,
+                best_miou=self.best_miou,
+                best_epoch=self.best_epoch,
+                out_dir=self.out_dir,
+            )
+            self.history.append({k: v for k, v in asdict(result).items() if k not in ("out_dir", "per_class_iou")})
+            if is_best and samples:
+                from training.evaluation.plots import save_epoch_plots
+
+                save_epoch_plots(self.out_dir, samples, scores.per_class_iou, self.classes, cfg.augment.mean, cfg.augment.std)
+            self._save(is_best)
+            self.log(
+                f"epoch {self.epoch}/{cfg.trainer.epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
+                f"val_mIoU {scores.miou:.4f}  best {self.best_miou:.4f}@{self.best_epoch}  "
+                f"{img_per_s:.1f} img/s  {seconds:.1f}s"
+            )
+            for callback in self.callbacks:
+                callback(result)
+        return TrainResult(self.best_miou, self.best_epoch, self.best_per_class, self.epoch, self.history, self.out_dir)
+
+
+def train(
+    cfg: "Config",
+    data: PreparedData,
+    fold: int | None,
+    out_dir: str | Path,
+    callbacks: Sequence[Callback] = (),
+    resume: str | Path | None = None,
+    device: str | torch.device | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train `cfg` on `fold`, optionally continuing from a checkpoint (file or directory)."""
+    trainer = Trainer(cfg, data, fold, out_dir, callbacks, device, log)
+    if resume is not None:
+        trainer.resume(resume)
+    return trainer.fit()
+
+
+def evaluate_untrained(cfg: "Config", data: PreparedData, fold: int, seed: int = 0) -> float:
+    """val mIoU of the freshly initialised model: the baseline a run must beat."""
+    trainer = Trainer(cfg, data, fold, tempfile.mkdtemp(prefix="untrained-"), log=lambda _: None)
+    return trainer.evaluate()[1].miou

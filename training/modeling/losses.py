@@ -1,0 +1,52 @@
+"""Named loss terms and their weighted mix, computed in fp32.
+
+Each term is one LOSSES entry built from smp.losses (or torch for plain CE). The mix
+runs outside autocast on fp32 logits: Dice's sums over a 512x512 batch overflow fp16.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from segmentation_models_pytorch import losses as smp_losses
+from torch import nn
+
+if TYPE_CHECKING:
+    from training.config import LossConfig
+
+MULTICLASS = smp_losses.MULTICLASS_MODE
+
+
+def _ce(cfg: "LossConfig") -> nn.Module:
+    return nn.CrossEntropyLoss(ignore_index=-100 if cfg.ignore_index is None else cfg.ignore_index)
+
+
+LOSSES: dict[str, Callable[["LossConfig"], nn.Module]] = {
+    "ce": _ce,
+    "soft_ce": lambda cfg: smp_losses.SoftCrossEntropyLoss(
+        smooth_factor=cfg.smooth_factor, ignore_index=-100 if cfg.ignore_index is None else cfg.ignore_index
+    ),
+    "dice": lambda cfg: smp_losses.DiceLoss(MULTICLASS, ignore_index=cfg.ignore_index),
+    "focal": lambda cfg: smp_losses.FocalLoss(MULTICLASS, gamma=cfg.focal_gamma, ignore_index=cfg.ignore_index),
+    "lovasz": lambda cfg: smp_losses.LovaszLoss(MULTICLASS, ignore_index=cfg.ignore_index),
+    "jaccard": lambda cfg: smp_losses.JaccardLoss(MULTICLASS),
+    "tversky": lambda cfg: smp_losses.TverskyLoss(MULTICLASS, ignore_index=cfg.ignore_index),
+}
+
+
+class LossMix(nn.Module):
+    """sum_i weight_i * term_i(logits, target); also returns each term's value for logging."""
+
+    def __init__(self, cfg: "LossConfig"):
+        super().__init__()
+        active = {name: w for name, w in cfg.weights.items() if w > 0}
+        self.weights = active
+        self.terms = nn.ModuleDict({name: LOSSES[name](cfg) for name in active})
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            logits = logits.float()
+            parts = {name: term(logits, target) for name, term in self.terms.items()}
+            total = sum(self.weights[name] * value for name, value in parts.items())
+        return total, parts

@@ -1,0 +1,49 @@
+"""Single run: `python training/train.py --space deeplab --fold 0 [--data DIR] [--out DIR] [--smoke]`.
+
+Trains the config's defaults on one fold, printing val mIoU per epoch; writes
+OUT/metrics.json (best_miou, best_epoch, per_class_iou) and OUT/last.pt, OUT/best.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from training.cli import run_cli
+from training.config import REPO_ROOT, load_space
+from training.data.dataset import prepare_data
+from training.engine.trainer import LAST, METRICS, train
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--space", default="deeplab", help="config: a name in search_spaces/ or a path")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--data", help="dataset root (train.json, test.json, images); default: embedded sample")
+    p.add_argument("--out", help="output directory (default: results/train/<name>-fold<k>-<time>)")
+    p.add_argument("--epochs", type=int, help="override trainer.epochs")
+    p.add_argument("--smoke", action="store_true", help="tiny, low-resolution CPU run (minutes on 2 cores)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = {}
+    if args.data:
+        overrides["data.root"] = str(Path(args.data).resolve())
+    if args.epochs:
+        overrides["trainer.epochs"] = args.epochs
+    space = load_space(args.space, smoke=args.smoke, overrides=overrides)
+    cfg = space.defaults
+    out = Path(args.out) if args.out else REPO_ROOT / "results" / "train" / f"{cfg.name}-fold{args.fold}-{time.strftime('%Y%m%d-%H%M%S')}"
+    data = prepare_data(cfg)
+    resume = out / LAST if args.resume and (out / LAST).is_file() else None
+    result = train(cfg, data, args.fold, out, resume=resume)
+    print(f"best val mIoU {result.best_miou:.4f} at epoch {result.best_epoch}; wrote {out / METRICS}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
