@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from training.errors import ConfigError
 
@@ -86,12 +86,13 @@ class ModelConfig(_Strict):
     encoder_weights: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)  # extra kwargs for the smp class
 
-    @model_validator(mode="after")
-    def _known(self) -> "ModelConfig":
-        from training.modeling.models import check_model_config
+    @field_validator("arch", "encoder", "encoder_weights")
+    @classmethod
+    def _known(cls, value: str | None, info: ValidationInfo) -> str | None:
+        from training.modeling.models import check_model_field
 
-        check_model_config(self)
-        return self
+        check_model_field(info.field_name, value)  # a field validator, so errors name model.<field>
+        return value
 
 
 class LossConfig(_Strict):
@@ -100,18 +101,19 @@ class LossConfig(_Strict):
     focal_gamma: float = Field(2.0, ge=0)
     smooth_factor: float = Field(0.1, ge=0, lt=1)  # soft_ce label smoothing
 
-    @model_validator(mode="after")
-    def _known(self) -> "LossConfig":
+    @field_validator("weights")
+    @classmethod
+    def _known(cls, weights: dict[str, float]) -> dict[str, float]:
         from training.modeling.losses import LOSSES
 
-        for name, weight in self.weights.items():
+        for name, weight in weights.items():
             if name not in LOSSES:
                 raise ValueError(f"unknown loss term {name!r}; known: {sorted(LOSSES)}")
             if weight < 0 or not math.isfinite(weight):
                 raise ValueError(f"weight of {name!r} must be a finite number >= 0, got {weight}")
-        if sum(self.weights.values()) <= 0:
+        if sum(weights.values()) <= 0:
             raise ValueError("at least one loss term needs a weight > 0")
-        return self
+        return weights
 
 
 class OptimizerConfig(_Strict):
@@ -184,6 +186,11 @@ class Config(_Strict):
     def _cross_checks(self) -> "Config":
         if self.search.fold >= self.folds.n_splits:
             raise ValueError(f"search.fold={self.search.fold} but folds.n_splits={self.folds.n_splits}")
+        from training.modeling.models import arch_spec
+
+        min_size = arch_spec(self.model.arch).min_size
+        if self.data.image_size < min_size:
+            raise ValueError(f"data.image_size={self.data.image_size} but model.arch={self.model.arch} needs at least {min_size}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -311,7 +318,7 @@ def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
 def _format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     path = ".".join(str(p) for p in first["loc"]) or "<root>"
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
@@ -327,6 +334,8 @@ def validate_config(tree: dict[str, Any], source: str) -> Config:
         return Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
+    except ConfigError as err:  # raised inside a validator (augment pipelines): add the file
+        raise ConfigError(f"{source}: {err}") from None
 
 
 class SearchSpace:

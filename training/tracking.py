@@ -117,7 +117,10 @@ class Tracker:
             location = None
             if self.uri.startswith("sqlite:"):
                 location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-            return self.client.create_experiment(name, artifact_location=location)
+            # The UI opens "custom model development" experiments on the training-runs view.
+            return self.client.create_experiment(
+                name, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"}
+            )
 
         return self._call(get_or_create, queue=False)
 

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -345,6 +344,12 @@ class Trainer:
         while self.epoch < cfg.trainer.epochs:
             start = time.perf_counter()
             train_loss, terms, img_per_s = self.train_one_epoch()
+            if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+                # The last step's loss was finite but its update was not: never checkpoint garbage.
+                raise NonFiniteLossError(
+                    f"epoch {self.epoch + 1}: model weights became NaN/inf; lower optimizer.lr, keep trainer.grad_clip, "
+                    f"or set trainer.amp: off (last good checkpoint: {self.out_dir / LAST})"
+                )
             val_loss, scores, samples = self.evaluate(keep_samples=cfg.trainer.overlays)
             self.epoch += 1
             is_best = scores.miou > self.best_miou
@@ -400,7 +405,7 @@ def train(
     return trainer.fit()
 
 
-def evaluate_untrained(cfg: "Config", data: PreparedData, fold: int, seed: int = 0) -> float:
+def evaluate_untrained(cfg: "Config", data: PreparedData, fold: int) -> float:
     """val mIoU of the freshly initialised model: the baseline a run must beat."""
-    trainer = Trainer(cfg, data, fold, tempfile.mkdtemp(prefix="untrained-"), log=lambda _: None)
-    return trainer.evaluate()[1].miou
+    with tempfile.TemporaryDirectory(prefix="untrained-") as scratch:
+        return Trainer(cfg, data, fold, scratch, log=lambda _: None).evaluate()[1].miou

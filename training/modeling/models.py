@@ -30,6 +30,7 @@ class ArchSpec:
     name: str
     cls: type[nn.Module]
     divisor: int  # input sides must be multiples of this
+    min_size: int = 32  # smallest input side the decoder accepts
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -40,7 +41,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ArchSpec("Unet", smp.Unet, 32),
         ArchSpec("UnetPlusPlus", smp.UnetPlusPlus, 32),
         ArchSpec("FPN", smp.FPN, 32),
-        ArchSpec("PAN", smp.PAN, 32),
+        ArchSpec("PAN", smp.PAN, 32, min_size=128),  # its pyramid attention pools the 1/16 map 3 more times
         ArchSpec("UPerNet", smp.UPerNet, 32),
         ArchSpec("Segformer", smp.Segformer, 32),
         ArchSpec("MAnet", smp.MAnet, 32),
@@ -74,15 +75,20 @@ def encoder_exists(encoder: str) -> bool:
     return encoder in smp.encoders.get_encoder_names()
 
 
+def check_model_field(name: str, value: str | None) -> None:
+    """Raise ValueError if model.<name> (arch, encoder, encoder_weights) is invalid."""
+    if name == "arch" and value.lower() not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {value!r}; known: {[s.name for s in ARCHITECTURES.values()]}")
+    if name == "encoder" and not encoder_exists(value):
+        raise ValueError(f"unknown encoder {value!r} (smp names like 'resnet34', or 'tu-<timm model>')")
+    if name == "encoder_weights" and value is not None and value != "imagenet" and Path(value).suffix not in WEIGHT_SUFFIXES:
+        raise ValueError(f"encoder_weights must be null, 'imagenet' or a weights file ({'/'.join(WEIGHT_SUFFIXES)}), got {value!r}")
+
+
 def check_model_config(cfg: "ModelConfig") -> None:
     """Raise ValueError for an unknown arch/encoder (pydantic turns it into a key-path error)."""
-    if cfg.arch.lower() not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {cfg.arch!r}; known: {[s.name for s in ARCHITECTURES.values()]}")
-    if not encoder_exists(cfg.encoder):
-        raise ValueError(f"unknown encoder {cfg.encoder!r} (smp names like 'resnet34', or 'tu-<timm model>')")
-    weights = cfg.encoder_weights
-    if weights is not None and weights != "imagenet" and not Path(weights).suffix in WEIGHT_SUFFIXES:
-        raise ValueError(f"encoder_weights must be null, 'imagenet' or a weights file ({'/'.join(WEIGHT_SUFFIXES)}), got {weights!r}")
+    for name in ("arch", "encoder", "encoder_weights"):
+        check_model_field(name, getattr(cfg, name))
 
 
 def _hub_cached(repo_id: str, filenames: tuple[str, ...], revision: str | None = None) -> Path | None:
@@ -155,10 +161,16 @@ def build_model(cfg: "ModelConfig", num_classes: int) -> nn.Module:
     model = spec.cls(encoder_name=cfg.encoder, encoder_weights=None, classes=num_classes, **kwargs)
     if weights_file is not None:
         state = load_state_dict_file(weights_file)
-        missing, unexpected = model.encoder.load_state_dict(state, strict=False)
+        # smp encoders override load_state_dict (no strict=, returns None), so compare keys here;
+        # keys the encoder lacks (the classifier head) are dropped.
+        own = model.encoder.state_dict()
+        missing = [k for k in own if k not in state]
+        where = f"model.encoder_weights: {weights_file} does not fit encoder {cfg.encoder!r}"
         if missing:
-            raise WeightsNotFoundError(
-                f"model.encoder_weights: {weights_file} does not fit encoder {cfg.encoder!r}: "
-                f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected"
-            )
+            unexpected = [k for k in state if k not in own]
+            raise WeightsNotFoundError(f"{where}: {len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected")
+        try:
+            model.encoder.load_state_dict({k: v for k, v in state.items() if k in own})
+        except RuntimeError as err:  # shape mismatches
+            raise WeightsNotFoundError(f"{where}: {str(err).strip().splitlines()[-1].strip()}") from None
     return model

@@ -1,0 +1,307 @@
+"""COCO -> mask rasterisation, the mask cache, and data validation before training."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from matplotlib.path import Path as PolygonPath
+from pycocotools import mask as mask_utils
+
+from conftest import CAMVID, PYTHON, REPO, write_camvid_subset
+from training.config import load_space
+from training.data.coco import MaskCache, load_coco, rasterize
+from training.data.dataset import prepare_data
+from training.errors import DataError
+
+# pycocotools' Cython RLE objects trip a NumPy 2 deprecation on every decode; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+
+def polygon_area(poly: list[float]) -> float:
+    xs, ys = np.asarray(poly[0::2], float), np.asarray(poly[1::2], float)
+    return 0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1)))
+
+
+def reference_mask(index, image_id: int) -> np.ndarray:
+    """Independent rasteriser: point-in-polygon on pixel centres, largest annotation painted first.
+
+    CamVid's polygon vertices sit on pixel centres, so the boundary rule decides a few % of
+    pixels. COCO's convention (pycocotools, which the json's `area` fields come from) counts a
+    boundary pixel when the point just above-left of its centre is inside; we sample there.
+    """
+    img = index.image(image_id)
+    mask = np.zeros((img.height, img.width), np.uint8)
+    anns = sorted(index.anns_by_image.get(image_id, []), key=lambda a: -sum(map(polygon_area, a["segmentation"])))
+    for ann in anns:
+        covered = np.zeros_like(mask, dtype=bool)
+        for poly in ann["segmentation"]:
+            vertices = np.asarray(poly, float).reshape(-1, 2)
+            x0, y0 = np.clip(np.floor(vertices.min(0)).astype(int), 0, None)
+            x1, y1 = np.minimum(np.ceil(vertices.max(0)).astype(int), [img.width - 1, img.height - 1])
+            ys, xs = np.mgrid[y0 : y1 + 1, x0 : x1 + 1]
+            centres = np.stack([xs.ravel() + 0.5 - 1e-3, ys.ravel() + 0.5 - 1e-3], 1)
+            covered[y0 : y1 + 1, x0 : x1 + 1] |= PolygonPath(vertices).contains_points(centres).reshape(ys.shape)
+        mask[covered] = index.label_of_category[ann["category_id"]]
+    return mask
+
+
+@pytest.fixture(scope="module")
+def camvid12(tmp_path_factory) -> Path:
+    """A 12-image CamVid subset with its own image files (made once per module)."""
+    root = write_camvid_subset(tmp_path_factory.mktemp("camvid12"), n_train=12)
+    (root / "images").unlink()
+    for im in json.loads((root / "train.json").read_text())["images"]:
+        (root / im["file_name"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(CAMVID / im["file_name"], root / im["file_name"])
+    return root
+
+
+@pytest.fixture
+def camvid_copy(camvid12, tmp_path) -> Path:
+    """A fresh writable copy of camvid12, for corrupting (shadows conftest's slower fixture)."""
+    return Path(shutil.copytree(camvid12, tmp_path / "camvid12"))
+
+
+def smoke_config(root: Path, **overrides):
+    return load_space("deeplab", smoke=True, overrides={"data.root": str(root), **overrides}).defaults
+
+
+# ---- rasterisation ---------------------------------------------------------------------
+
+
+def test_masks_match_independent_rasterisation(camvid_small, tmp_path):
+    index = load_coco(camvid_small, check_images=False)
+    cache = MaskCache(index, tmp_path).build()
+    n_classes = len(index.classes)
+    ids = index.image_ids[::7]  # 6 images across all three sequences
+    assert len({index.image(i).fields["sequence"] for i in ids}) == 3
+    for image_id in ids:
+        ours = cache.load(image_id)
+        assert ours.dtype == np.uint8 and ours.shape == (360, 480)
+        assert np.array_equal(ours, rasterize(index, image_id))
+        ref = reference_mask(index, image_id)
+        agreement = (ours == ref).mean()
+        assert agreement >= 0.98, (image_id, agreement)
+        ours_counts = np.bincount(ours.ravel(), minlength=n_classes)
+        ref_counts = np.bincount(ref.ravel(), minlength=n_classes)
+        # each class within 1% of the image's pixels, and within 10% of itself when it is large
+        assert np.all(np.abs(ours_counts - ref_counts) <= 0.01 * ours.size), (image_id, ours_counts, ref_counts)
+        big = ref_counts > 5000
+        assert np.all(np.abs(ours_counts - ref_counts)[big] <= 0.1 * ref_counts[big]), (image_id, ours_counts, ref_counts)
+        assert set(np.unique(ours).tolist()) - {0} <= index.classes_present(image_id)
+
+
+def write_coco(root: Path, annotations: list[dict], size=(40, 48), categories=("Big", "Small"), name="train.json") -> Path:
+    """A one-image COCO dataset with a real (grey) JPEG."""
+    height, width = size
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(root / "images" / "a.jpg"), np.full((height, width, 3), 128, np.uint8))
+    coco = {
+        "images": [{"id": 7, "file_name": "images/a.jpg", "width": width, "height": height}],
+        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(categories)],
+        "annotations": annotations,
+    }
+    (root / name).write_text(json.dumps(coco))
+    return root
+
+
+def rect(x0, y0, x1, y1) -> list[float]:
+    return [x0, y0, x1, y0, x1, y1, x0, y1]
+
+
+@pytest.mark.parametrize("small_first", [False, True])
+def test_small_object_painted_over_large_regardless_of_order(tmp_path, small_first):
+    big = {"id": 1, "image_id": 7, "category_id": 1, "segmentation": [rect(2, 2, 40, 30)]}
+    small = {"id": 2, "image_id": 7, "category_id": 2, "segmentation": [rect(10, 10, 20, 20)]}
+    anns = [small, big] if small_first else [big, small]
+    index = load_coco(write_coco(tmp_path, anns))
+    mask = rasterize(index, 7)
+    assert index.classes == ["Background", "Big", "Small"]
+    assert (mask[12:18, 12:18] == 2).all()  # small on top
+    assert (mask[5:8, 25:35] == 1).all()
+    assert mask[0, 0] == 0 and mask[35, 45] == 0
+    assert 90 <= (mask == 2).sum() <= 110  # 10 x 10
+
+
+def test_rle_annotations(tmp_path):
+    height, width = 40, 48
+    square = np.zeros((height, width), np.uint8)
+    square[5:15, 6:20] = 1
+    compressed = mask_utils.encode(np.asfortranarray(square))
+    compressed["counts"] = compressed["counts"].decode("ascii")
+    strip = np.zeros((height, width), np.uint8)
+    strip[20:30, :] = 1
+    # Uncompressed RLE: run lengths over the column-major pixels, starting with a run of zeros.
+    flat = strip.ravel(order="F")
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], flat, [2]])))  # 2: force a final edge
+    counts = np.diff(np.concatenate([[0], edges])).tolist()
+    anns = [
+        {"id": 1, "image_id": 7, "category_id": 1, "segmentation": compressed, "iscrowd": 1},
+        {"id": 2, "image_id": 7, "category_id": 2, "segmentation": {"counts": counts, "size": [height, width]}, "iscrowd": 1},
+        {"id": 3, "image_id": 7, "category_id": 1, "segmentation": [rect(30.0, 32.0, 40.0, 38.0)]},
+    ]
+    index = load_coco(write_coco(tmp_path, anns))
+    mask = rasterize(index, 7)
+    assert np.array_equal(mask == 2, strip.astype(bool))
+    assert np.array_equal(mask[:20] == 1, square[:20].astype(bool))
+    assert (mask[33:37, 31:39] == 1).all()
+    # an RLE whose size disagrees with the image is refused
+    anns[0] = dict(anns[0], segmentation=dict(compressed, size=[height + 1, width]))
+    write_coco(tmp_path, anns)
+    with pytest.raises(DataError, match=r"annotation id 1 \(image id 7\): RLE size"):
+        load_coco(tmp_path)
+
+
+# ---- the cache -------------------------------------------------------------------------
+
+
+def test_cache_built_once_and_keyed_by_annotation_content(camvid_copy, tmp_path):
+    cache_root = tmp_path / "cache"
+    index = load_coco(camvid_copy, check_images=False)
+    first = MaskCache(index, cache_root).build()
+    files = sorted(first.dir.glob("*.npy"))
+    assert len(files) == len(index.images) and first.complete
+    mtimes = {f: f.stat().st_mtime_ns for f in files}
+    again = MaskCache(load_coco(camvid_copy, check_images=False), cache_root).build()
+    assert again.dir == first.dir
+    assert {f: f.stat().st_mtime_ns for f in files} == mtimes
+    assert not list(first.dir.glob("*.tmp"))
+    # An interrupted build (no completion marker) only fills in what is missing.
+    (first.dir / ".complete").unlink()
+    files[0].unlink()
+    MaskCache(index, cache_root).build()
+    assert files[0].is_file()
+    assert {f: f.stat().st_mtime_ns for f in files[1:]} == {f: mtimes[f] for f in files[1:]}
+
+    # Editing train.json (drop one image's largest annotation) gives a new cache dir and a new mask.
+    coco = json.loads((camvid_copy / "train.json").read_text())
+    image_id = coco["images"][0]["id"]
+    largest = max((a for a in coco["annotations"] if a["image_id"] == image_id), key=lambda a: a["area"])
+    coco["annotations"].remove(largest)
+    (camvid_copy / "train.json").write_text(json.dumps(coco))
+    edited = MaskCache(load_coco(camvid_copy, check_images=False), cache_root).build()
+    assert edited.dir != first.dir
+    assert (edited.load(image_id) != first.load(image_id)).sum() >= 0.5 * largest["area"]
+    assert np.array_equal(edited.load(coco["images"][1]["id"]), first.load(coco["images"][1]["id"]))
+
+
+# ---- validation: every problem surfaces in prepare_data, naming the file and the id -----------
+
+
+def edit_json(root: Path, change) -> dict:
+    path = root / "train.json"
+    coco = json.loads(path.read_text())
+    change(coco)
+    path.write_text(json.dumps(coco))
+    return coco
+
+
+def data_error(root: Path, **overrides) -> str:
+    with pytest.raises(DataError) as info:
+        prepare_data(smoke_config(root, **overrides), log=lambda _: None)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(root / "train.json") in message, message  # names the file
+    # raised by the validation in prepare_data, before any model or loader exists
+    assert any(entry.name == "prepare_data" for entry in info.traceback)
+    assert not any(entry.name in ("train", "fit", "__init__") for entry in info.traceback)
+    return message
+
+
+def first_ann(coco: dict) -> dict:
+    return coco["annotations"][0]
+
+
+def test_valid_copy_prepares(camvid_copy):
+    data = prepare_data(smoke_config(camvid_copy), log=lambda _: None)
+    assert len(data.index.images) == 12 and data.cache.complete
+
+
+def test_missing_image_file(camvid_copy):
+    coco = json.loads((camvid_copy / "train.json").read_text())
+    img = coco["images"][3]
+    (camvid_copy / img["file_name"]).unlink()
+    message = data_error(camvid_copy)
+    assert str(camvid_copy / "train.json") in message
+    assert f"image id {img['id']}" in message and img["file_name"] in message and "not found" in message
+
+
+def test_truncated_jpeg(camvid_copy):
+    coco = json.loads((camvid_copy / "train.json").read_text())
+    img = coco["images"][5]
+    path = camvid_copy / img["file_name"]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    message = data_error(camvid_copy)
+    assert str(camvid_copy / "train.json") in message
+    assert f"image id {img['id']}" in message and "corrupt" in message
+
+
+def test_garbage_image(camvid_copy):
+    coco = json.loads((camvid_copy / "train.json").read_text())
+    img = coco["images"][2]
+    (camvid_copy / img["file_name"]).write_bytes(b"not an image at all")
+    message = data_error(camvid_copy)
+    assert f"image id {img['id']}" in message and "corrupt" in message
+
+
+def test_image_size_differs_from_json(camvid_copy):
+    coco = edit_json(camvid_copy, lambda c: c["images"][1].update(width=500))
+    message = data_error(camvid_copy)
+    assert f"image id {coco['images'][1]['id']}" in message and "500x360" in message
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (lambda a: a.update(image_id=99999), "image_id 99999 is not in images"),
+        (lambda a: a.update(category_id=77), "category_id 77 is not in categories"),
+        (lambda a: a.update(segmentation=[]), "empty segmentation"),
+        (lambda a: a.update(segmentation=[a["segmentation"][0][:-1]]), "polygon 0 has"),
+        (lambda a: a.update(segmentation=[[10, 10, 20, 20, 30, 30]]), "polygon 0 has zero area"),
+        (lambda a: a.update(segmentation=[[10, 10, 20, 10]]), "polygon 0 has 4 coordinates"),
+        (lambda a: a.update(segmentation="oops"), "must be polygons"),
+    ],
+    ids=["unknown-image", "unknown-category", "empty", "odd-length", "zero-area", "too-short", "wrong-type"],
+)
+def test_bad_annotation(camvid_copy, change, fragment):
+    coco = edit_json(camvid_copy, lambda c: change(c["annotations"][4]))
+    ann_id = coco["annotations"][4]["id"]
+    message = data_error(camvid_copy)
+    assert str(camvid_copy / "train.json") in message
+    assert f"annotation id {ann_id}" in message, message
+    assert fragment in message, message
+
+
+def test_classes_differ_from_config(camvid_copy):
+    message = data_error(camvid_copy, **{"data.classes": ["Sky", "Building", "Road"]})
+    assert str(camvid_copy / "train.json") in message and "data.classes" in message and "Bicyclist" in message
+    # the right list (with or without Background) passes
+    names = [c["name"] for c in json.loads((camvid_copy / "train.json").read_text())["categories"]]
+    prepare_data(smoke_config(camvid_copy, **{"data.classes": names}), log=lambda _: None)
+
+
+def test_invalid_json(camvid_copy):
+    (camvid_copy / "train.json").write_text('{"images": [')
+    message = data_error(camvid_copy)
+    assert str(camvid_copy / "train.json") in message and "invalid JSON" in message
+
+
+def test_cli_broken_data_exits_2_without_checkpoint(camvid_copy, tmp_path):
+    coco = edit_json(camvid_copy, lambda c: c["annotations"][0].update(category_id=77))
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [PYTHON, "training/train.py", "--data", str(camvid_copy), "--smoke", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert f"annotation id {coco['annotations'][0]['id']}" in lines[0] and "train.json" in lines[0]
+    assert not out.exists()  # failed before the trainer made the output dir

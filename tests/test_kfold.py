@@ -1,0 +1,330 @@
+"""The k-fold stage end to end on a tiny CamVid subset (30 train + 5 test images, 64 px).
+
+One module-scoped run stands in for "the search finished": a best_configs.yaml with two
+configs (mobilenet_v2 for 2 epochs, resnet18 for 1 epoch), a parent MLflow run of the search,
+and config 1 / fold 0 crashed after its first epoch. Then `run_kfold --resume` (run 1) and
+the same again (run 2); the tests read what they left on disk and in MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO, write_camvid_subset
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+EXPERIMENT = "kfold-test"
+CONFIGS = [  # (params, epochs reached in the search)
+    ({"model.encoder": "mobilenet_v2", "optimizer.lr": 3e-3}, 2),
+    ({"model.encoder": "resnet18", "optimizer.lr": 1e-3}, 1),
+]
+N_TRAIN, N_TEST = 30, 5
+
+
+class Crash(Exception):
+    pass
+
+
+def write_best_configs(results: Path, root: Path, uri: str, exp_id: str, parent: str) -> Path:
+    """What tune/search.py writes, for two configs of the deeplab smoke space."""
+    from training.config import load_space
+    from training.data.dataset import prepare_data
+
+    space = load_space("deeplab", smoke=True, overrides={"data.root": str(root)})
+    entries = []
+    for rank, (params, epochs) in enumerate(CONFIGS, start=1):
+        entries.append({
+            "rank": rank, "trial_id": f"trial_{rank}", "best_val_miou": 0.1, "best_epoch": epochs,
+            "epochs_trained": epochs, "checkpoint": None, "params": params,
+            "config": space.resolve(params).to_dict(),
+        })
+    manifest = prepare_data(space.defaults, log=lambda _: None).manifest
+    doc = {
+        "experiment": EXPERIMENT, "space": space.source, "smoke": True, "data_root": str(root),
+        "mlflow_tracking_uri": uri, "mlflow_experiment_id": exp_id, "search_parent_run_id": parent,
+        "metric": "val_miou", "fold": 0, "fold_manifest": str(manifest.path), "configs": entries,
+    }
+    path = results / EXPERIMENT / "best_configs.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Results root, tracking URI and a local Ray for this module; restored afterwards."""
+    import ray
+
+    tmp = tmp_path_factory.mktemp("kfold")
+    saved = {k: os.environ.get(k) for k in ("SEGTUNE_RESULTS", "MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    os.environ["SEGTUNE_RESULTS"] = str(tmp / "results")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # the URI must come from best_configs.yaml
+    os.environ.pop("RAY_ADDRESS", None)
+    started = not ray.is_initialized()  # another module may have left its local Ray up
+    if started:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2, log_to_driver=False)
+    yield tmp
+    if started:
+        ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def runs(env):
+    from training.engine.trainer import train
+    from training.kfold import KFoldOptions, build_candidates, load_best_configs, prepare_kfold_data, run_kfold
+    from training.tracking import Tracker
+
+    root = write_camvid_subset(env / "camvid", N_TRAIN, N_TEST)
+    uri = f"sqlite:///{env / 'mlflow.db'}"
+    tracker = Tracker(uri)
+    exp_id = tracker.experiment_id(EXPERIMENT)
+    search_parent = tracker.start_run(exp_id, "search", {"segtune.stage": "search"})
+    tracker.end_run(search_parent)
+    best_path = write_best_configs(env / "results", root, uri, exp_id, search_parent)
+
+    # A crash of config 1 / fold 0 after its first epoch, with the config the stage trains.
+    options = KFoldOptions(experiment=EXPERIMENT, top_k=2, smoke=True, resume=True)
+    best = load_best_configs(best_path)
+    cand = build_candidates(best, options)[0]
+    data = prepare_kfold_data(cand.cfg, best, log=lambda _: None)
+    crashed = best_path.parent / "kfold" / "1" / "fold0"
+
+    def crash(result):
+        raise Crash
+
+    with pytest.raises(Crash):
+        train(cand.cfg, data, 0, crashed, callbacks=[crash], log=lambda _: None)
+    before_resume = json.loads((crashed / "metrics.json").read_text())
+
+    logs1: list[str] = []
+    t = time.perf_counter()
+    summary1 = run_kfold(options, log=logs1.append)
+    run1_s = time.perf_counter() - t
+    kfold = best_path.parent / "kfold"
+    mtimes = {p: p.stat().st_mtime_ns for p in kfold.glob("*/fold*/*.pt")}
+
+    logs2: list[str] = []
+    t = time.perf_counter()
+    summary2 = run_kfold(options, log=logs2.append)
+    run2_s = time.perf_counter() - t
+    return SimpleNamespace(
+        root=root, uri=uri, exp_id=exp_id, search_parent=search_parent, best_path=best_path, kfold=kfold,
+        data=data, before_resume=before_resume, summary1=summary1, summary2=summary2, logs1=logs1, logs2=logs2,
+        run1_s=run1_s, run2_s=run2_s, mtimes=mtimes,
+    )
+
+
+def test_five_folds_trained_and_crashed_fold_resumed(runs):
+    s = runs.summary1
+    assert s["n_folds"] == 5 and [c["rank"] for c in s["configs"]] == [1, 2]
+    for c, (_, epochs) in zip(s["configs"], CONFIGS):
+        assert c["epochs"] == epochs
+        for f in c["folds"]:
+            out = runs.kfold / str(c["rank"]) / f"fold{f['fold']}"
+            metrics = json.loads((out / "metrics.json").read_text())
+            assert metrics["epochs_trained"] == epochs and len(metrics["history"]) == epochs
+            assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
+            expected = "resumed" if (c["rank"], f["fold"]) == (1, 0) else "trained"
+            assert f["status"] == expected, (c["rank"], f)
+    # The crashed fold continued from its last.pt: epoch 1 is the record from before the crash.
+    history = json.loads((runs.kfold / "1" / "fold0" / "metrics.json").read_text())["history"]
+    assert runs.before_resume["epochs_trained"] == 1
+    assert history[0] == runs.before_resume["history"][0]
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_oof_covers_every_training_image_exactly_once(runs):
+    manifest = runs.data.manifest
+    all_ids = sorted(runs.data.index.image_ids)
+    assert len(all_ids) == N_TRAIN
+    predicted = []
+    for k in range(5):
+        with np.load(runs.kfold / "oof" / f"fold{k}.npz") as npz:
+            ids = npz["image_ids"].tolist()
+        # Fold k's images are predicted by the fold-k models, the ones that never trained on them.
+        assert sorted(ids) == manifest.val_ids(k)
+        predicted += ids
+    assert sorted(predicted) == all_ids  # every image once, none twice
+    masks = sorted(int(p.stem) for p in (runs.kfold / "oof_masks").glob("*.png"))
+    assert masks == all_ids
+    assert runs.summary1["oof"]["images"] == N_TRAIN
+
+
+def test_single_model_oof_reproduces_the_folds_val_miou(runs):
+    # Without TTA a fold's OOF prediction is exactly the trainer's validation pass on best.pt.
+    for c in runs.summary1["configs"]:
+        for f in c["folds"]:
+            assert f["oof_miou"] == pytest.approx(f["val_miou"], abs=1e-6), (c["rank"], f["fold"])
+
+
+def test_ensemble_oof_miou_not_below_single_fold(runs):
+    """The selected ensemble's OOF mIoU >= the mean single-config OOF mIoU (same vote and TTA).
+
+    Why this holds: all numbers are mIoU of pooled OOF confusion matrices over the same
+    30 images, and greedy forward selection starts from the best single config and only adds
+    a config when the OOF mIoU rises. So the selected ensemble >= the best single config >=
+    their mean. It does NOT hold in general against the mean of the per-fold val mIoUs
+    (a mean of per-fold ratios vs one pooled ratio), so that is not asserted.
+    """
+    s = runs.summary1
+    ens = s["ensemble"]
+    assert ens["selection_metric"] == "oof_miou_soft_tta"  # smoke: flip TTA, soft vote
+    singles = [c["oof_miou_tta"] for c in s["configs"]]
+    assert ens["oof_miou"] >= max(singles) - 1e-12
+    assert ens["oof_miou"] >= float(np.mean(singles))
+    assert ens["oof_miou"] == ens["selected"]["soft_tta"]
+    assert ens["selection_steps"][0]["miou"] == pytest.approx(max(singles))
+    assert set(ens["selected_ranks"]) <= {1, 2} and ens["selected_ranks"]
+
+
+def test_submission_has_one_valid_row_per_test_image(runs):
+    from training.evaluation.submission import iter_submission
+
+    test = json.loads((runs.root / "test.json").read_text())
+    path = runs.kfold / "submission.csv"
+    assert path.read_text().splitlines()[0] == "image_id,PredictionString"
+    rows = list(iter_submission(path))
+    assert [r[0] for r in rows] == [im["file_name"] for im in sorted(test["images"], key=lambda im: im["id"])]
+    assert len(rows) == N_TEST
+    num_classes = len(runs.data.classes)
+    for _, mask in rows:
+        assert mask.shape == (256, 256) and mask.min() >= 0 and mask.max() < num_classes
+    sub = runs.summary1["submission"]
+    assert sub["images"] == N_TEST and sub["models"] == 5 * len(runs.summary1["ensemble"]["selected_ranks"])
+
+
+def test_second_run_skips_finished_folds(runs):
+    now = {p: p.stat().st_mtime_ns for p in runs.kfold.glob("*/fold*/*.pt")}
+    assert now == runs.mtimes and len(now) == 20  # best.pt + last.pt x 10: nothing rewritten
+    statuses = {f["status"] for c in runs.summary2["configs"] for f in c["folds"]}
+    assert statuses == {"skipped"}
+    assert any("already trained" in line for line in runs.logs2)
+    assert runs.summary2["timings"]["train_s"] < 5
+    assert runs.run2_s < runs.run1_s / 2, (runs.run1_s, runs.run2_s)
+    assert runs.summary2["ensemble"] == runs.summary1["ensemble"]
+
+
+def test_mlflow_lineage(runs):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(runs.uri)
+    all_runs = client.search_runs([runs.exp_id], max_results=1000)
+    parents = [r for r in all_runs if r.data.tags.get("segtune.stage") == "kfold"]
+    assert len(parents) == 1, "the second run must reuse the kfold parent"
+    parent = parents[0]
+    assert parent.data.tags["search_parent_run_id"] == runs.search_parent
+    assert parent.info.status == "FINISHED"
+    assert {"oof_miou_rank1", "oof_miou_rank2", "ensemble_oof_miou"} <= set(parent.data.metrics)
+
+    children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    folds = [r for r in children if r.data.tags.get("segtune.stage") == "kfold_fold"]
+    assert len(folds) == 10, "one child per (config, fold), no duplicates after the second run"
+    seen = set()
+    for r in folds:
+        rank, fold = int(r.data.tags["config_rank"]), int(r.data.tags["fold"])
+        seen.add((rank, fold))
+        assert r.data.tags["trial_id"] == f"trial_{rank}"
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["checkpoint"].endswith(f"kfold/{rank}/fold{fold}/best.pt")
+        epochs = CONFIGS[rank - 1][1]
+        history = client.get_metric_history(r.info.run_id, "val_miou")
+        assert sorted(m.step for m in history) == list(range(1, epochs + 1)), (rank, fold)
+        assert len(client.get_metric_history(r.info.run_id, "train_loss")) == epochs
+    assert seen == {(r, k) for r in (1, 2) for k in range(5)}
+
+    # Live: epoch 1 of a 2-epoch fold reached MLflow while epoch 2 was still training (a log
+    # written only when the task ended would be stamped within milliseconds of the run's end).
+    for r in folds:
+        rank, fold = int(r.data.tags["config_rank"]), int(r.data.tags["fold"])
+        if rank != 1 or fold == 0:  # fold 0's epoch 1 predates the crash and is backfilled
+            continue
+        epoch2_s = json.loads((runs.kfold / "1" / f"fold{fold}" / "metrics.json").read_text())["history"][1]["epoch_seconds"]
+        logged_1 = {m.step: m.timestamp for m in client.get_metric_history(r.info.run_id, "val_miou")}[1]
+        assert r.info.end_time - logged_1 >= 500 * epoch2_s, (fold, r.info.end_time - logged_1, epoch2_s)
+
+    ensembles = [r for r in children if r.data.tags.get("segtune.stage") == "kfold_ensemble"]
+    assert len(ensembles) == 1
+    ens = ensembles[0]
+    assert ens.data.metrics["oof_miou"] == pytest.approx(runs.summary1["ensemble"]["oof_miou"])
+    assert any(k.startswith("iou_") for k in ens.data.metrics)
+    assert "confusion_matrix.png" in {a.path for a in client.list_artifacts(ens.info.run_id)}
+
+
+# ---- bad input: one `error:` line naming the file or key, nothing done lost ------------------
+
+
+def _cli_error(capsys, argv) -> str:
+    from training.cli import run_cli
+    from training.final_kfold import main
+
+    with pytest.raises(SystemExit) as exc:
+        run_cli(lambda: main(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_bad_inputs(runs, env, capsys, monkeypatch, tmp_path):
+    import shutil
+
+    before = {p: p.stat().st_mtime_ns for p in runs.kfold.rglob("*") if p.is_file()}
+    line = _cli_error(capsys, ["--experiment", "nope"])
+    assert str(env / "results" / "nope" / "best_configs.yaml") in line
+
+    # A previous run exists: refusing to mix into it without --resume.
+    assert "pass --resume" in _cli_error(capsys, ["--experiment", EXPERIMENT, "--top-k", "2", "--smoke"])
+    # Resuming with other epochs than the run on disk.
+    line = _cli_error(capsys, ["--experiment", EXPERIMENT, "--top-k", "2", "--smoke", "--resume", "--epochs", "3"])
+    assert "plan.json" in line and "epochs" in line
+    assert "has only 2 config(s)" in _cli_error(capsys, ["--experiment", EXPERIMENT, "--top-k", "3"])
+    assert "--tta" in _cli_error(capsys, ["--experiment", EXPERIMENT, "--tta", "mirror"])
+
+    # Another dataset than the one the search's fold manifest was made for.
+    other = write_camvid_subset(tmp_path / "other", n_train=12, n_test=2, stride_seed=1)
+    line = _cli_error(capsys, ["--experiment", EXPERIMENT, "--top-k", "2", "--smoke", "--resume", "--data", str(other)])
+    assert yaml.safe_load(runs.best_path.read_text())["fold_manifest"] in line and "made for dataset" in line
+
+    # A config that fails validation: the file and key path are named.
+    doc = yaml.safe_load(runs.best_path.read_text())
+    doc["configs"][1]["config"]["model"]["encoder"] = "resnet_nope"
+    bad = tmp_path / "results" / "bad" / "best_configs.yaml"
+    bad.parent.mkdir(parents=True)
+    bad.write_text(yaml.safe_dump(doc))
+    line = _cli_error(capsys, ["--experiment", str(bad)])
+    assert str(bad) in line and "configs[1].config" in line and "model.encoder" in line
+
+    # No experiment at all under the results root.
+    monkeypatch.setenv("SEGTUNE_RESULTS", str(tmp_path / "empty"))
+    assert str(tmp_path / "empty") in _cli_error(capsys, [])
+    shutil.rmtree(tmp_path / "other")
+    after = {p: p.stat().st_mtime_ns for p in runs.kfold.rglob("*") if p.is_file()}
+    assert after == before  # nothing already done was touched
+
+
+def test_cli_error_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "training/final_kfold.py", "--experiment", "missing-experiment"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, SEGTUNE_RESULTS=str(tmp_path)),
+    )
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert errors == [f"error: {tmp_path / 'missing-experiment' / 'best_configs.yaml'}: not found "
+                      "(run tune/search.py --experiment missing-experiment first)"], proc.stderr

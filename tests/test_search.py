@@ -1,0 +1,513 @@
+"""The Ray Tune search (tune/search.py) on real CamVid subsets, a real local Ray and MLflow sqlite.
+
+One module-scoped smoke search (32 images, 64 px, 6 trials, ASHA max_t 4, 2 concurrent) runs
+the real command in a subprocess; while it runs, one trial's worker is killed with SIGKILL.
+Most assertions read what that search left behind. Two more searches: one whose driver is
+killed and then resumed, one on a two-node Ray cluster. Every process a test starts is
+stopped by that test, by pid.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from conftest import PYTHON, REPO, write_camvid_subset
+
+SMOKE_TRIALS = 6  # SMOKE_PRESET: 6 trials, max_t 4 = trainer.epochs, 3 start-up trials, 2 at once
+SMOKE_EPOCHS = 4
+SMOKE_STARTUP = 3
+FINISHED = ("completed", "stopped by ASHA")
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+# ---- helpers -------------------------------------------------------------------------------
+def short_tmp(prefix: str) -> Path:
+    # Ray puts unix sockets under its temp dir; pytest's tmp paths can exceed the 107-byte limit.
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def search_env(results: Path, ray_tmp: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, SEGTUNE_RESULTS=str(results), RAY_TMPDIR=str(ray_tmp), PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    env.update(extra)
+    return env
+
+
+def stop_ray_processes(ray_tmp: Path) -> None:
+    """Stop leftovers of a local Ray whose driver was killed: found by the RAY_TMPDIR we gave it."""
+    marker = f"RAY_TMPDIR={ray_tmp}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if marker in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 15
+    for pid in pids:
+        while time.time() < deadline and Path(f"/proc/{pid}").exists():
+            time.sleep(0.2)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def search_cmd(*args: str) -> list[str]:
+    return [PYTHON, "tune/search.py", *args]
+
+
+def read_leaderboard(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def events(trial_dir: Path) -> list[tuple[float, str, dict[str, str]]]:
+    """(time, kind, fields) per line of the trainable's events.log in the trial's latest checkpoint."""
+    out = []
+    try:
+        latest = max(trial_dir.glob("checkpoint_*"), key=lambda p: p.name)
+        lines = (latest / "events.log").read_text().splitlines()
+    except (ValueError, OSError):  # no checkpoint yet, or Tune is replacing it right now
+        return out
+    for line in lines:
+        stamp, kind, *rest = line.split(" ")
+        fields = dict(part.split("=", 1) for part in rest if "=" in part)
+        if kind == "epoch":
+            fields["epoch"] = rest[0]
+        out.append((float(stamp), kind, fields))
+    return out
+
+
+def newest_study(tune_dir: Path):
+    # one file per session, named by its start time; Tune's final sync rewrites all of them
+    newest = max(tune_dir.glob("searcher-state-*.pkl"), key=lambda p: p.name)
+    with open(newest, "rb") as f:
+        return pickle.load(f)["_ot_study"]
+
+
+def tail(path: Path, n: int = 60) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.is_file() else ""
+
+
+def mlflow_client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+# ---- the module's smoke search (+ one worker killed mid-trial) ----------------------------------
+def kill_a_running_worker(tune_dir: Path, proc: subprocess.Popen) -> dict | None:
+    """SIGKILL the worker of the first trial that logged epoch 3 but not 4.
+
+    Epoch 3 is no ASHA rung (rungs at 1 and 2), so that trial is running epoch 4 when killed;
+    Tune must restart it from its last checkpoint."""
+    while proc.poll() is None:
+        for trial_dir in sorted(tune_dir.glob("trial_*")):
+            ev = events(trial_dir)
+            epochs = [int(f["epoch"]) for _, kind, f in ev if kind == "epoch"]
+            if epochs and epochs[-1] == SMOKE_EPOCHS - 1:
+                pid = int([f for _, kind, f in ev if kind == "start"][-1]["pid"])
+                os.kill(pid, signal.SIGKILL)
+                return {"trial_id": trial_dir.name.removeprefix("trial_"), "pid": pid, "last_epoch": epochs[-1], "time": time.time()}
+        time.sleep(0.1)
+    return None
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    data = write_camvid_subset(root / "camvid32", n_train=32)
+    results, ray_tmp = root / "results", short_tmp("rt")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    log = root / "search.log"
+    cmd = search_cmd("--space", "deeplab", "--smoke", "--data", str(data), "--experiment", "smoke", "--mlflow-uri", uri)
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=search_env(results, ray_tmp), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            killed = kill_a_running_worker(results / "smoke" / "tune", proc)
+            proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            stop_ray_processes(ray_tmp)
+    exp = results / "smoke"
+    yield SimpleNamespace(
+        rc=proc.returncode,
+        seconds=time.perf_counter() - started,
+        log=log,
+        data=data,
+        dir=exp,
+        tune_dir=exp / "tune",
+        uri=uri,
+        killed=killed,
+        leaderboard=read_leaderboard(exp / "leaderboard.csv"),
+        best=yaml.safe_load((exp / "best_configs.yaml").read_text()) if (exp / "best_configs.yaml").is_file() else None,
+    )
+
+
+def test_smoke_search_writes_leaderboard_and_best_configs(smoke):
+    from training.config import config_from_dict
+
+    assert smoke.rc == 0, tail(smoke.log)
+    board = smoke.leaderboard
+    assert len(board) == SMOKE_TRIALS
+    assert all(row["status"] in FINISHED for row in board), [row["status"] for row in board]
+    mious = [float(row["best_val_miou"]) for row in board]
+    assert mious == sorted(mious, reverse=True) and mious[0] > 0
+    for row in board:
+        assert {"model.encoder", "optimizer.lr", "loss.weights.ce"} <= set(row)
+        assert row["mlflow_run_id"] and row["node_id"]
+        assert 1 <= int(row["epochs_trained"]) <= SMOKE_EPOCHS
+
+    best = smoke.best
+    assert best["experiment"] == "smoke" and best["smoke"] is True and best["metric"] == "val_miou" and best["fold"] == 0
+    assert best["data_root"] == str(smoke.data.resolve())
+    assert best["space"].endswith("search_spaces/deeplab.yaml")
+    assert best["mlflow_tracking_uri"] == smoke.uri and best["search_parent_run_id"] and best["mlflow_experiment_id"]
+    assert Path(best["fold_manifest"]).is_file()
+    assert [c["rank"] for c in best["configs"]] == [1, 2]  # search.top_k = 2 in the smoke preset
+    assert [c["trial_id"] for c in best["configs"]] == [row["trial_id"] for row in board[:2]]
+    for entry in best["configs"]:
+        cfg = config_from_dict(entry["config"])  # the k-fold stage must be able to read it back
+        assert cfg.data.image_size == 64 and cfg.trainer.epochs == SMOKE_EPOCHS
+        for path, value in entry["params"].items():
+            node = entry["config"]
+            for key in path.split("."):
+                node = node[key]
+            assert node == value, path
+        assert 1 <= entry["best_epoch"] <= entry["epochs_trained"] <= SMOKE_EPOCHS
+        assert Path(entry["checkpoint"]).is_file() and entry["checkpoint"].endswith("best.pt")
+        # the resume state of finished trials is dropped, the best model kept
+        assert not (Path(entry["checkpoint"]).parent / "last.pt").exists()
+    state = json.loads((smoke.dir / "search_state.json").read_text())
+    assert state["status"] == "finished" and len(state["trials"]) == SMOKE_TRIALS
+
+
+def test_asha_stops_trials_before_max_t(smoke):
+    assert smoke.rc == 0, tail(smoke.log)
+    stopped = [row for row in smoke.leaderboard if row["status"] == "stopped by ASHA"]
+    assert stopped, [(row["status"], row["epochs_trained"]) for row in smoke.leaderboard]
+    assert all(int(row["epochs_trained"]) < SMOKE_EPOCHS for row in stopped)
+    assert any(row["status"] == "completed" and int(row["epochs_trained"]) == SMOKE_EPOCHS for row in smoke.leaderboard)
+    # the trainer never ran past the epoch ASHA stopped it at
+    for row in stopped:
+        epochs = [int(f["epoch"]) for _, kind, f in events(smoke.tune_dir / f"trial_{row['trial_id']}") if kind == "epoch"]
+        assert max(epochs) == int(row["epochs_trained"])
+
+
+def test_mlflow_parent_and_child_runs_agree_with_leaderboard(smoke):
+    assert smoke.rc == 0, tail(smoke.log)
+    client = mlflow_client(smoke.uri)
+    exp = client.get_experiment_by_name("smoke")
+    assert exp is not None and exp.experiment_id == smoke.best["mlflow_experiment_id"]
+    parent_id = smoke.best["search_parent_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert {"leaderboard.csv", "best_config.yaml", "best_configs.yaml"} <= {a.path for a in client.list_artifacts(parent_id)}
+    assert parent.data.metrics["best_val_miou"] == pytest.approx(float(smoke.leaderboard[0]["best_val_miou"]), rel=1e-5)
+
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    assert len(children) == SMOKE_TRIALS  # one per trial, none duplicated by the killed trial's restart
+    by_trial = {run.data.tags["segtune.trial_id"]: run for run in children}
+    for row in smoke.leaderboard:
+        run = by_trial[row["trial_id"]]
+        assert run.info.run_id == row["mlflow_run_id"]
+        assert run.data.tags["segtune.status"] == row["status"]
+        assert run.data.tags["segtune.fold"] == "0"
+        assert run.data.tags["segtune.best_checkpoint"] == row["checkpoint"]
+        assert set(run.data.params) == {k for k in row if "." in k and k != "mlflow_run_id"}
+        assert float(run.data.params["optimizer.lr"]) == pytest.approx(float(row["optimizer.lr"]), rel=1e-4)
+        history = client.get_metric_history(run.info.run_id, "val_miou")
+        steps = sorted(m.step for m in history)
+        assert steps == list(range(1, int(row["epochs_trained"]) + 1)), (row["trial_id"], steps)
+        assert max(m.value for m in history) == pytest.approx(float(row["best_val_miou"]), rel=1e-5)
+        assert run.data.metrics["best_val_miou"] == pytest.approx(float(row["best_val_miou"]), rel=1e-5)
+        for name in ("train_loss", "val_loss", "lr", "epoch_seconds", "img_per_s", "iou_Background"):
+            assert len(client.get_metric_history(run.info.run_id, name)) == int(row["epochs_trained"]), name
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "per_class_iou.png", "overlays.png"} <= artifacts
+
+
+def test_killed_worker_restarts_from_its_checkpoint(smoke):
+    assert smoke.killed, "no trial reached epoch 3 while the search ran"
+    assert smoke.rc == 0, tail(smoke.log)
+    trial_id = smoke.killed["trial_id"]
+    ev = events(smoke.tune_dir / f"trial_{trial_id}")
+    starts = [(t, f) for t, kind, f in ev if kind == "start"]
+    assert len(starts) == 2, ev
+    restart_time, restart = starts[1]
+    assert int(restart["pid"]) != smoke.killed["pid"]
+    resumed_from = int(restart["resume_epoch"])
+    assert 1 <= resumed_from <= smoke.killed["last_epoch"]  # the last persisted checkpoint
+    later = [int(f["epoch"]) for t, kind, f in ev if kind == "epoch" and t > restart_time]
+    assert later == list(range(resumed_from + 1, SMOKE_EPOCHS + 1))  # continued, not from epoch 1
+    row = next(r for r in smoke.leaderboard if r["trial_id"] == trial_id)
+    assert row["status"] == "completed" and row["failures"] == "1"
+
+
+def test_optuna_study_holds_every_trial_with_bounded_startup(smoke):
+    import optuna
+
+    from tune.space import random_draws
+
+    assert smoke.rc == 0, tail(smoke.log)
+    study = newest_study(smoke.tune_dir)
+    assert len(study.trials) == SMOKE_TRIALS
+    # with 2 trials at once TPE alone would draw 4 at random (it counts finished trials only)
+    assert len(random_draws(study, SMOKE_STARTUP)) <= SMOKE_STARTUP
+    # every trial, ASHA-stopped ones included, was told to Optuna with its last val mIoU
+    by_params = {json.dumps(t.params, sort_keys=True): t for t in study.trials}
+    for row in smoke.leaderboard:
+        trial_dir = smoke.tune_dir / f"trial_{row['trial_id']}"
+        told = by_params[json.dumps(json.loads((trial_dir / "params.json").read_text()), sort_keys=True)]
+        last = json.loads((trial_dir / "result.json").read_text().splitlines()[-1])
+        assert told.state == optuna.trial.TrialState.COMPLETE
+        assert told.value == pytest.approx(last["val_miou"]) and last["epoch"] == int(row["epochs_trained"])
+
+
+# ---- searcher unit checks (real Optuna, no cluster) --------------------------------------------
+def _drive_searcher(search_alg, n_trials: int, concurrency: int) -> None:
+    """Tune's calls to a searcher: keep `concurrency` trials out, finish the oldest first."""
+    from ray import tune
+
+    space = {"x": tune.uniform(0.0, 1.0), "y": tune.choice(["a", "b"])}
+    search_alg.set_search_properties("val_miou", "max", space)
+    live, asked = [], 0
+    while asked < n_trials or live:
+        while asked < n_trials and len(live) < concurrency:
+            trial_id = f"t{asked}"
+            if search_alg.suggest(trial_id) is None:
+                break
+            live.append(trial_id)
+            asked += 1
+        done = live.pop(0)
+        search_alg.on_trial_complete(done, result={"val_miou": 0.5, "training_iteration": 1})
+
+
+def test_startup_gate_bounds_random_draws():
+    import optuna
+
+    from training.config import SearchConfig
+    from tune.space import build_search_alg, optuna_study, random_draws
+
+    search = SearchConfig(num_samples=12, max_concurrent=4, n_startup_trials=3, seed=1)
+    gated = build_search_alg(search)
+    _drive_searcher(gated, 12, 4)
+    assert len(optuna_study(gated).trials) == 12
+    assert len(random_draws(optuna_study(gated), 3)) == 3
+
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = optuna.samplers.TPESampler(n_startup_trials=3, seed=1, constant_liar=True)
+    plain = ConcurrencyLimiter(OptunaSearch(sampler=sampler), 4)
+    _drive_searcher(plain, 12, 4)
+    assert len(random_draws(optuna_study(plain), 3)) > 3  # what the gate prevents
+
+
+def test_resume_guard_refuses_a_searcher_without_history(tmp_path):
+    from training.config import SearchConfig
+    from tune.space import ResumeError, build_search_alg
+
+    state = tmp_path / "search_state.json"
+    state.write_text(json.dumps({"resume": {"trials_before": 4}}))
+    gate = build_search_alg(SearchConfig(), state)  # as if Tune's restore had silently failed
+    from ray import tune
+
+    gate.set_search_properties("val_miou", "max", {"x": tune.uniform(0.0, 1.0)})
+    with pytest.raises(ResumeError, match="4 earlier trials"):
+        gate.suggest("t0")
+
+
+# ---- input errors: one line, before Ray starts -------------------------------------------------
+def run_cli(capsys, monkeypatch, tmp_path, *args: str, results: Path | None = None) -> tuple[int, str]:
+    from training.cli import run_cli as run
+    from tune import search
+
+    monkeypatch.setenv("SEGTUNE_RESULTS", str(results or tmp_path / "results"))
+    monkeypatch.setattr("sys.argv", ["tune/search.py", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        run(search.main)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_invalid_space_is_one_line_naming_the_key(capsys, monkeypatch, tmp_path):
+    space = yaml.safe_load((REPO / "search_spaces" / "deeplab.yaml").read_text())
+    space["search"]["scheduler"]["max_t"] = 50  # > trainer.epochs (30)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(space))
+    code, err = run_cli(capsys, monkeypatch, tmp_path, "--space", str(path))
+    assert code == 2 and err.count("\n") == 1 and "search.scheduler.max_t" in err and "trainer.epochs=30" in err
+    space["search"]["scheduler"]["max_t"] = 30
+    space["optimizer"]["lr"] = {"loguniform": [0.0, 1.0e-3], "default": 1.0e-4}
+    path.write_text(yaml.safe_dump(space))
+    code, err = run_cli(capsys, monkeypatch, tmp_path, "--space", str(path))
+    assert code == 2 and err.count("\n") == 1 and "optimizer.lr" in err
+
+
+def test_unwritable_results_dir_is_one_line(capsys, monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, err = run_cli(capsys, monkeypatch, tmp_path, "--space", "deeplab", "--smoke", results=blocker / "results")
+    assert code == 2 and err.count("\n") == 1 and "not writable" in err and "SEGTUNE_RESULTS" in err
+
+
+def test_resume_of_unknown_experiment_is_one_line(capsys, monkeypatch, tmp_path):
+    code, err = run_cli(capsys, monkeypatch, tmp_path, "--resume", "--experiment", "nope")
+    assert code == 2 and err.count("\n") == 1 and "no such search to resume" in err
+
+
+# ---- driver killed mid-search, then --resume ---------------------------------------------------
+def test_resume_after_the_driver_is_killed(tmp_path):
+    from tune.space import random_draws
+
+    data = write_camvid_subset(tmp_path / "camvid24", n_train=24)
+    results, ray_tmp = tmp_path / "results", short_tmp("rt")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = results / "resume"
+    env = search_env(results, ray_tmp)
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    with open(first_log, "w") as out:
+        first = subprocess.Popen(search_cmd("--space", "deeplab", "--smoke", "--data", str(data), "--experiment", "resume", "--mlflow-uri", uri),
+                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 400
+            while time.time() < deadline and first.poll() is None:
+                if sum(row["status"] in FINISHED for row in read_leaderboard(exp / "leaderboard.csv")) >= 2:
+                    break
+                time.sleep(0.2)
+            assert first.poll() is None, "the search ended before it could be killed:\n" + tail(first_log)
+            first.send_signal(signal.SIGKILL)  # a crash: no chance to save anything
+            first.wait(timeout=30)
+        finally:
+            if first.poll() is None:
+                first.kill()
+            stop_ray_processes(ray_tmp)
+    killed_at = time.time()
+    before = read_leaderboard(exp / "leaderboard.csv")
+    finished_before = {row["trial_id"]: row for row in before if row["status"] in FINISHED}
+    assert len(finished_before) >= 2
+    starts_before = {d.name: sum(kind == "start" for _, kind, _ in events(d)) for d in (exp / "tune").glob("trial_*")}
+
+    with open(second_log, "w") as out:
+        second = subprocess.run(search_cmd("--resume", "--experiment", "resume"), cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=600)
+    stop_ray_processes(ray_tmp)
+    assert second.returncode == 0, tail(second_log)
+
+    after = read_leaderboard(exp / "leaderboard.csv")
+    assert len(after) == SMOKE_TRIALS and all(row["status"] in FINISHED for row in after), [row["status"] for row in after]
+    for trial_id, row in finished_before.items():  # finished trials were not trained again
+        trial_dir = exp / "tune" / f"trial_{trial_id}"
+        assert sum(kind == "start" for _, kind, _ in events(trial_dir)) == starts_before[trial_dir.name]
+        assert not [f for t, kind, f in events(trial_dir) if t > killed_at]
+        now = next(r for r in after if r["trial_id"] == trial_id)
+        assert (now["status"], now["best_val_miou"], now["mlflow_run_id"]) == (row["status"], row["best_val_miou"], row["mlflow_run_id"])
+
+    # the Optuna history came back: the pre-crash trials are the study's first trials, and the
+    # start-up bound held across the restart (a fresh study would have drawn at random again)
+    study = newest_study(exp / "tune")
+    assert len(study.trials) == SMOKE_TRIALS
+    params_of = {json.dumps(t.params, sort_keys=True) for t in study.trials}
+    for trial_dir in (exp / "tune").glob("trial_*"):
+        params = json.loads((trial_dir / "params.json").read_text())
+        assert json.dumps(params, sort_keys=True) in params_of
+    assert len(random_draws(study, SMOKE_STARTUP)) <= SMOKE_STARTUP
+    assert "fresh random search" not in tail(second_log, 400)
+
+    state = json.loads((exp / "search_state.json").read_text())
+    assert [s["resume"] for s in state["sessions"]] == [False, True] and state["status"] == "finished"
+    assert state["resume"]["trials_before"] >= len(finished_before)
+
+    client = mlflow_client(uri)
+    parent = state["mlflow"]["parent_run_id"]
+    children = client.search_runs([state["mlflow"]["experiment_id"]], f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert sorted(run.data.tags["segtune.trial_id"] for run in children) == sorted(row["trial_id"] for row in after)
+    for run in children:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "epoch")]
+        assert len(steps) == len(set(steps)), run.data.tags["segtune.trial_id"]
+
+
+# ---- two-node Ray cluster ------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_nodes(address: str, count: int, env: dict, timeout: float = 90) -> None:
+    probe = f"import ray, sys; ray.init(address='{address}', log_to_driver=False); sys.exit(0 if sum(n['Alive'] for n in ray.nodes()) >= {count} else 1)"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if subprocess.run([PYTHON, "-c", probe], env=env, capture_output=True, timeout=60).returncode == 0:
+            return
+        time.sleep(1)
+    raise AssertionError(f"the Ray cluster at {address} did not reach {count} nodes")
+
+
+def test_trials_run_on_both_nodes_of_a_two_node_cluster(tmp_path):
+    data = write_camvid_subset(tmp_path / "camvid24", n_train=24)
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    # Ray 2.60 maps 127.0.0.1 to this machine's address for multi-node clusters; token auth on.
+    env = dict(os.environ, RAY_AUTH_MODE="token")
+    env.pop("RAY_ADDRESS", None)
+    ray_bin = str(Path(PYTHON).parent / "ray")
+    common = ["--num-cpus=1", "--object-store-memory=100000000", "--disable-usage-stats", "--block"]
+    head_log, node_log = open(tmp_path / "head.log", "w"), open(tmp_path / "node2.log", "w")
+    head = subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+                             f"--temp-dir={short_tmp('rh')}", *common], env=env, stdout=head_log, stderr=subprocess.STDOUT)
+    node2 = None
+    try:
+        wait_for_nodes(address, 1, env)
+        node2 = subprocess.Popen([ray_bin, "start", f"--address={address}", '--resources={"node2": 1}', f"--temp-dir={short_tmp('rw')}", *common],
+                                 env=env, stdout=node_log, stderr=subprocess.STDOUT)
+        wait_for_nodes(address, 2, env)
+        results = tmp_path / "results"
+        log = tmp_path / "search.log"
+        with open(log, "w") as out:
+            run = subprocess.run(
+                search_cmd("--space", "deeplab", "--smoke", "--num-samples", "2", "--data", str(data), "--experiment", "cluster",
+                           "--address", address, "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"),
+                cwd=REPO, env=dict(env, SEGTUNE_RESULTS=str(results), PYTHONUNBUFFERED="1"), stdout=out, stderr=subprocess.STDOUT, timeout=400,
+            )
+        assert run.returncode == 0, tail(log)
+        board = read_leaderboard(results / "cluster" / "leaderboard.csv")
+        assert len(board) == 2 and all(row["status"] in FINISHED for row in board)
+        assert len({row["node_id"] for row in board}) == 2  # one trial per 1-CPU node
+        hosts = {f["node"] for row in board for _, kind, f in events(results / "cluster" / "tune" / f"trial_{row['trial_id']}") if kind == "start"}
+        assert hosts == {row["node_id"] for row in board}
+    finally:
+        for proc in (node2, head):  # `ray start --block` stops its node's processes on SIGTERM
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        head_log.close()
+        node_log.close()

@@ -1,0 +1,203 @@
+"""The service as a team runs it: a smoke search logging to a real MLflow server that goes down
+mid-search and comes back, the MLflow UI in headless Chromium, and bad data refused up front.
+
+Every server and process a test starts is stopped by that test, by pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.parse
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import PYTHON, REPO, write_camvid_subset
+from services import CHROMIUM, CHROMIUM_ARGS, free_port, start_mlflow_server, stop_process_group
+from test_search import read_leaderboard, search_env, short_tmp, stop_ray_processes, tail
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+SCREENSHOT_DIR = REPO / "results" / "screenshots"
+
+
+def child_runs(client, experiment_id: str, parent: str):
+    return client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the search ended while waiting for {what}:\n{tail(log) if log else ''}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}:\n{tail(log) if log else ''}")
+
+
+@pytest.fixture(scope="module")
+def served_search(tmp_path_factory):
+    """A smoke search against `mlflow server`; the server is stopped mid-search, then restarted."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("service")
+    data = write_camvid_subset(root / "camvid24", n_train=24)
+    results, ray_tmp = root / "results", short_tmp("rt")
+    backend = f"sqlite:///{root / 'mlflow.db'}"
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server_log = root / "mlflow-server.log"
+    server = start_mlflow_server(backend, root / "mlartifacts", port, server_log)
+    log = root / "search.log"
+    cmd = [PYTHON, "tune/search.py", "--space", "deeplab", "--smoke", "--data", str(data), "--experiment", "svc", "--mlflow-uri", uri]
+    outage = {}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=search_env(results, ray_tmp), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            client = MlflowClient(uri)
+            state_file = results / "svc" / "search_state.json"
+
+            def logged_epochs():
+                if not state_file.is_file():
+                    return None
+                mlflow_state = json.loads(state_file.read_text())["mlflow"]
+                runs = child_runs(client, mlflow_state["experiment_id"], mlflow_state["parent_run_id"])
+                return runs if any("val_miou" in r.data.metrics for r in runs) else None
+
+            wait_for(logged_epochs, 300, "the first epoch in MLflow", proc, log)
+            stop_process_group(server)  # the outage: the tracking server is gone mid-search
+            outage["stopped_at"] = time.time()
+            leaderboard = results / "svc" / "leaderboard.csv"
+            done_before = len(read_leaderboard(leaderboard)) if leaderboard.is_file() else 0
+            # training goes on: more trials finish while MLflow is down
+            wait_for(lambda: leaderboard.is_file() and len(read_leaderboard(leaderboard)) > done_before, 300,
+                     "a trial to finish during the outage", proc, log)
+            outage["trials_finished_during"] = len(read_leaderboard(leaderboard)) - done_before
+            server = start_mlflow_server(backend, root / "mlartifacts", port, server_log)
+            proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            stop_ray_processes(ray_tmp)
+    try:
+        yield SimpleNamespace(rc=proc.returncode, log=log, results=results / "svc", uri=uri, backend=backend, outage=outage, root=root)
+    finally:
+        stop_process_group(server)
+
+
+def test_mlflow_outage_does_not_stop_training(served_search):
+    out = served_search.log.read_text()
+    assert served_search.rc == 0, tail(served_search.log)
+    assert "WARNING mlflow: tracking at" in out and "training continues" in out  # the outage is reported
+    assert served_search.outage["trials_finished_during"] >= 1
+    rows = read_leaderboard(served_search.results / "leaderboard.csv")
+    assert len(rows) == 6 and all(r["status"] in ("completed", "stopped by ASHA") for r in rows)
+
+
+def test_mlflow_has_every_trial_after_the_server_came_back(served_search):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(served_search.uri)
+    state = json.loads((served_search.results / "search_state.json").read_text())["mlflow"]
+    runs = child_runs(client, state["experiment_id"], state["parent_run_id"])
+    rows = {r["trial_id"]: r for r in read_leaderboard(served_search.results / "leaderboard.csv")}
+    assert sorted(r.data.tags["segtune.trial_id"] for r in runs) == sorted(rows)
+    for run in runs:
+        row = rows[run.data.tags["segtune.trial_id"]]
+        history = client.get_metric_history(run.info.run_id, "val_miou")
+        assert len(history) == int(row["epochs_trained"])  # queued epochs were replayed, none twice
+        assert max(m.value for m in history) == pytest.approx(float(row["best_val_miou"]), abs=1e-6)
+
+
+def _open(page, url: str) -> str:
+    page.goto(url, wait_until="load")
+    return url
+
+
+def test_mlflow_ui_shows_child_runs_and_their_val_miou(served_search):
+    """Open the experiment and the run comparison (parallel coordinates) in headless Chromium."""
+    from mlflow.tracking import MlflowClient
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).is_file(), "Debian's chromium is missing (.ci/run installs it)"
+    client = MlflowClient(served_search.uri)
+    state = json.loads((served_search.results / "search_state.json").read_text())["mlflow"]
+    runs = child_runs(client, state["experiment_id"], state["parent_run_id"])
+    run_ids = [r.info.run_id for r in runs]
+    compare = (
+        f"{served_search.uri}/#/compare-runs?runs={urllib.parse.quote(json.dumps(run_ids))}"
+        f"&experiments={urllib.parse.quote(json.dumps([state['experiment_id']]))}"
+    )
+    SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            _open(page, f"{served_search.uri}/#/experiments/{state['experiment_id']}/runs")
+            page.get_by_text(f"search-svc").first.wait_for(timeout=60_000)
+            page.screenshot(path=str(SCREENSHOT_DIR / "mlflow_experiment.png"))
+
+            page.set_viewport_size({"width": 2400, "height": 1200})  # the run table renders visible columns only
+            _open(page, compare)
+            page.get_by_text("Parallel Coordinates Plot").first.wait_for(timeout=60_000)
+            for run in runs:
+                page.get_by_text(run.info.run_name, exact=True).first.wait_for(timeout=30_000)
+            close = page.locator("button[aria-label='Close']")
+            if close.count():
+                close.first.click()  # the assistant side panel hides half of the page
+            # The plot the users want: searched params against val mIoU (coloured by it).
+            page.get_by_role("button", name="Clear All").click()
+            params, metrics = page.get_by_role("combobox").nth(0), page.get_by_role("combobox").nth(1)
+            for box, name in ((params, "model.encoder"), (params, "optimizer.lr"), (params, "loss.weights.dice"), (metrics, "val_miou")):
+                box.click()
+                box.fill(name)
+                page.keyboard.press("Enter")
+                page.keyboard.press("Escape")
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(SCREENSHOT_DIR / "mlflow_compare.png"), full_page=True)
+            text = page.inner_text("body")
+        finally:
+            browser.close()
+    assert "val_miou" in text
+    for run in runs:
+        assert run.info.run_name in text
+    # the compare page shows each run's latest val_miou rounded to 3 decimals (trailing zeros dropped)
+    shown = {f"{round(r.data.metrics['val_miou'], 3):g}" for r in runs}
+    missing = [v for v in shown if v not in text]
+    assert not missing, f"val_miou values {missing} not on the compare page"
+    assert (SCREENSHOT_DIR / "mlflow_compare.png").stat().st_size > 10_000
+
+
+# ---- bad data is refused before any trial or MLflow run starts --------------------------------
+@pytest.mark.parametrize("breakage", ["corrupt_jpeg", "annotation_for_missing_image"])
+def test_bad_data_fails_before_any_trial(camvid_copy, tmp_path, breakage):
+    from mlflow.tracking import MlflowClient
+
+    train = json.loads((camvid_copy / "train.json").read_text())
+    if breakage == "corrupt_jpeg":
+        victim = camvid_copy / train["images"][3]["file_name"]
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+        expect = [str(victim), "image id", "corrupt"]
+    else:
+        train["annotations"][0]["image_id"] = 987654
+        (camvid_copy / "train.json").write_text(json.dumps(train))
+        expect = ["train.json", f"annotation id {train['annotations'][0]['id']}", "987654"]
+    results = tmp_path / "results"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    started = time.monotonic()
+    proc = subprocess.run(
+        [PYTHON, "tune/search.py", "--space", "deeplab", "--smoke", "--data", str(camvid_copy), "--experiment", "bad", "--mlflow-uri", uri],
+        cwd=REPO, env=search_env(results, short_tmp("rt")), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and all(part in errors[0] for part in expect), proc.stderr
+    assert not list(results.glob("bad/**/trial_*"))  # no trial started
+    assert not (tmp_path / "mlflow.db").exists() or not MlflowClient(uri).search_experiments(filter_string="name = 'bad'")
+    assert time.monotonic() - started < 120  # refused up front, not after a Ray start and a trial

@@ -1,0 +1,335 @@
+"""The training loop on real CamVid subsets at 64 px: learning, exact resume, NaN guard, AMP,
+schedules, metrics; and the embedded-sample smoke run end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import PYTHON, REPO, write_camvid_subset
+from training.config import load_space
+from training.data.dataset import make_datasets, prepare_data
+from training.engine.trainer import (BEST, LAST, METRICS, Trainer, build_optimizer, build_scheduler,
+                                     evaluate_untrained, load_checkpoint, train)
+from training.errors import NonFiniteLossError
+from training.evaluation.metrics import ConfusionMatrix, SegScores, resize_logits
+from training.modeling.losses import LossMix
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+QUIET = dict(log=lambda _: None)
+# history fields that measure time, not training
+TIMING = ("epoch_seconds", "img_per_s")
+
+
+def smoke_cfg(root: Path, **overrides):
+    return load_space("deeplab", smoke=True, overrides={"data.root": str(root), **overrides}).defaults
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: with 2 threads on 2 cores, any other busy process (a loader worker,
+    a parallel job) stalls OpenMP's barriers and a step takes ~3x longer; one thread does not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def camvid16(tmp_path_factory) -> Path:
+    """16 images: 5 folds leave ~13 train / 3 val at fold 0; enough for cheap loop checks."""
+    return write_camvid_subset(tmp_path_factory.mktemp("camvid16"), n_train=16)
+
+
+@pytest.fixture(scope="module")
+def data16(camvid16):
+    return prepare_data(smoke_cfg(camvid16), **QUIET)
+
+
+@pytest.fixture(scope="module")
+def data40(camvid_small):
+    return prepare_data(smoke_cfg(camvid_small), **QUIET)
+
+
+# ---- learning ------------------------------------------------------------------------------
+
+
+def test_short_training_learns(camvid_small, data40, tmp_path):
+    cfg = smoke_cfg(camvid_small, **{"trainer.epochs": 3})
+    untrained = evaluate_untrained(cfg, data40, fold=0)
+    epochs = []
+    result = train(cfg, data40, 0, tmp_path, callbacks=[epochs.append], **QUIET)
+    losses = [r.train_loss for r in epochs]
+    assert [r.epoch for r in epochs] == [1, 2, 3] and result.epochs_trained == 3
+    assert losses[-1] < 0.85 * losses[0], losses
+    assert result.best_miou > untrained + 0.05, (untrained, [r.val_miou for r in epochs])
+    assert result.best_miou == max(r.val_miou for r in epochs)
+    assert result.best_epoch == 1 + int(np.argmax([r.val_miou for r in epochs]))
+    # what the callbacks see is what the files say
+    metrics = json.loads((tmp_path / METRICS).read_text())
+    assert metrics["best_miou"] == result.best_miou and metrics["best_epoch"] == result.best_epoch
+    assert set(metrics["per_class_iou"]) == set(data40.classes)
+    flat = epochs[-1].metrics()
+    assert {"val_miou", "train_loss", "lr", "loss_ce", "loss_dice", "iou_Road"} <= set(flat)
+    assert all(isinstance(v, (int, float)) and not math.isnan(v) for v in flat.values())
+    assert (tmp_path / "overlays.png").is_file() and (tmp_path / "per_class_iou.png").is_file()
+    # both checkpoints load without unpickling arbitrary objects
+    last = load_checkpoint(tmp_path / LAST)
+    best = torch.load(tmp_path / BEST, map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "history", "config"} <= set(last)
+    assert last["epoch"] == 3 and best["epoch"] == result.best_epoch
+    assert best["classes"] == data40.classes and best["fold"] == 0 and best["config"] == cfg.to_dict()
+
+
+# ---- exact resume --------------------------------------------------------------------------
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(epoch: int):
+    def callback(result):
+        if result.epoch == epoch:
+            raise Crash  # after last.pt of this epoch is written, like a killed worker
+    return callback
+
+
+def resume_cfg(root: Path, **overrides):
+    # the full (non-smoke) augmentation pipeline, so every random transform must replay
+    augment = load_space("deeplab").defaults.augment.train
+    return smoke_cfg(root, **{"trainer.epochs": 2, "data.batch_size": 4, "augment.train": augment, "trainer.overlays": 0, **overrides})
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_continues_exactly(camvid16, data16, tmp_path, workers):
+    cfg = resume_cfg(camvid16, **{"data.num_workers": workers})
+    straight = train(cfg, data16, 0, tmp_path / "straight", **QUIET)
+    with pytest.raises(Crash):
+        train(cfg, data16, 0, tmp_path / "resumed", callbacks=[crash_after(1)], **QUIET)
+    after_one = load_checkpoint(tmp_path / "resumed")
+    assert after_one["epoch"] == 1
+    resumed = train(cfg, data16, 0, tmp_path / "resumed", resume=tmp_path / "resumed" / LAST, **QUIET)
+
+    a = load_checkpoint(tmp_path / "straight" / LAST)
+    b = load_checkpoint(tmp_path / "resumed" / LAST)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert len(straight.history) == len(resumed.history) == 2
+    def same(x, y) -> bool:  # exact equality that also holds for NaN (a class absent from val)
+        return json.dumps(x, sort_keys=True) == json.dumps(y, sort_keys=True)
+
+    for h_a, h_b in zip(straight.history, resumed.history):
+        assert same({k: v for k, v in h_a.items() if k not in TIMING}, {k: v for k, v in h_b.items() if k not in TIMING})
+    assert straight.best_miou == resumed.best_miou and straight.best_epoch == resumed.best_epoch
+    assert same(straight.per_class_iou, resumed.per_class_iou)
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    assert a["scheduler"] == b["scheduler"]
+    # the second epoch really trained (equal weights are not an artefact of nothing changing)
+    assert not all(torch.equal(after_one["model"][k], b["model"][k]) for k in b["model"])
+
+
+# ---- non-finite loss -----------------------------------------------------------------------
+
+
+def test_nan_loss_stops_the_run(camvid16, data16, tmp_path):
+    # lr 1e36: the first step sends weights to ~1e36, the next forward overflows to inf/NaN
+    cfg = smoke_cfg(camvid16, **{"optimizer.lr": 1e36, "scheduler.name": "constant", "trainer.overlays": 0})
+    seen = []
+    with pytest.raises(NonFiniteLossError) as info:
+        train(cfg, data16, 0, tmp_path, callbacks=[seen.append], **QUIET)
+    message = str(info.value)
+    assert "training loss is nan" in message and "optimizer.lr" in message
+    assert len(seen) < cfg.trainer.epochs  # stopped, did not run to the end
+
+
+def test_infinite_loss_stops_at_the_first_step(camvid16, data16, tmp_path):
+    cfg = smoke_cfg(camvid16, **{"loss.weights": {"ce": 1e308}, "trainer.overlays": 0})
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1 step 0: training loss is inf \(ce="):
+        train(cfg, data16, 0, tmp_path, **QUIET)
+    assert not (tmp_path / LAST).exists()
+
+
+# ---- AMP -----------------------------------------------------------------------------------
+
+
+def test_bf16_autocast_keeps_loss_in_fp32(camvid16, data16, tmp_path):
+    cfg = smoke_cfg(camvid16, **{"trainer.amp": "bf16", "trainer.epochs": 1, "loss.weights": {"ce": 1.0, "dice": 0.5, "focal": 0.5, "lovasz": 0.5}})
+    trainer = Trainer(cfg, data16, 0, tmp_path, device="cpu", **QUIET)
+    assert trainer.dtype == torch.bfloat16
+    images, masks, _ = next(iter(trainer.train_loader))
+    with trainer._autocast():
+        logits = trainer.model(images)
+        loss, parts = trainer.loss_fn(logits, masks)
+    assert logits.dtype == torch.bfloat16  # the model really ran in bf16
+    assert loss.dtype == torch.float32 and all(p.dtype == torch.float32 for p in parts.values())
+    # identical to the fp32 computation on the same logits, outside autocast
+    ref_loss, ref_parts = LossMix(cfg.loss)(logits.float(), masks)
+    assert torch.equal(loss, ref_loss) and all(torch.equal(parts[k], ref_parts[k]) for k in parts)
+    result = trainer.fit()
+    assert math.isfinite(result.history[0]["train_loss"]) and result.epochs_trained == 1
+
+
+# ---- optimizers and schedules --------------------------------------------------------------
+
+
+class TinySegNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.encoder(x)))
+
+
+def lr_curve(name: str, steps_per_epoch: int = 10, **scheduler) -> tuple[np.ndarray, np.ndarray]:
+    cfg = load_space("deeplab", smoke=True, overrides={
+        "scheduler.name": name, "trainer.epochs": 4, "optimizer.lr": 1e-2, "optimizer.encoder_lr_mult": 0.1,
+        **{f"scheduler.{k}": v for k, v in scheduler.items()},
+    }).defaults
+    model = TinySegNet()
+    opt = build_optimizer(cfg, model)
+    sched = build_scheduler(cfg, opt, steps_per_epoch)
+    enc, dec = [], []
+    for _ in range(cfg.trainer.epochs * steps_per_epoch):
+        enc.append(opt.param_groups[0]["lr"])
+        dec.append(opt.param_groups[1]["lr"])
+        opt.step()
+        sched.step()
+    enc, dec = np.array(enc), np.array(dec)
+    assert np.allclose(enc, 0.1 * dec), "encoder lr = lr * encoder_lr_mult at every step"
+    return dec, enc
+
+
+def test_cosine_with_warmup():
+    lr, _ = lr_curve("cosine", warmup_epochs=1, min_lr_ratio=0.01)
+    warm, decay = lr[:10], lr[10:]
+    assert np.all(np.diff(warm) > 0) and warm[0] == pytest.approx(1e-3)
+    assert decay[0] == pytest.approx(1e-2) and lr.max() == pytest.approx(1e-2)
+    assert np.all(np.diff(decay) < 0)
+    # the last of 40 steps, 29 of 30 into the decay towards the floor 0.01 * lr
+    assert decay[-1] == pytest.approx(1e-2 * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 29 / 30))))
+    assert np.all(lr >= 1e-4)
+
+
+def test_onecycle():
+    lr, _ = lr_curve("onecycle", pct_start=0.25)
+    peak = int(np.argmax(lr))
+    assert abs(peak - 10) <= 1 and lr[peak] == pytest.approx(1e-2)
+    assert lr[0] == pytest.approx(1e-2 / 25)
+    assert lr[-1] < 1e-5
+    assert np.all(np.diff(lr[:peak]) > 0) and np.all(np.diff(lr[peak:]) < 0)
+
+
+def test_poly_and_constant():
+    lr, _ = lr_curve("poly", power=0.9, warmup_epochs=0)
+    assert lr[0] == pytest.approx(1e-2) and np.all(np.diff(lr) < 0)
+    assert lr[-1] == pytest.approx(1e-2 * (1 / 40) ** 0.9)
+    const, _ = lr_curve("constant")
+    assert np.all(const == 1e-2)
+
+
+@pytest.mark.parametrize("name, cls", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)])
+def test_optimizers_step(name, cls):
+    cfg = load_space("deeplab", smoke=True, overrides={"optimizer.name": name, "optimizer.weight_decay": 0.01}).defaults
+    model = TinySegNet()
+    opt = build_optimizer(cfg, model)
+    assert type(opt) is cls
+    assert [g["name"] for g in opt.param_groups] == ["encoder", "decoder"]
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    if name == "sgd":
+        assert opt.defaults["momentum"] == cfg.optimizer.momentum and opt.defaults["nesterov"]
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8))
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("optimizer, scheduler", [("sgd", "onecycle"), ("adam", "poly")])  # adamw + cosine: the other tests
+def test_trainer_runs_each_optimizer_and_schedule(camvid16, data16, tmp_path, optimizer, scheduler):
+    cfg = smoke_cfg(camvid16, **{"optimizer.name": optimizer, "scheduler.name": scheduler, "trainer.epochs": 1,
+                                 "data.batch_size": 4, "trainer.overlays": 0, "scheduler.warmup_epochs": 0.5})
+    result = train(cfg, data16, 0, tmp_path, **QUIET)
+    assert math.isfinite(result.history[0]["train_loss"]) and 0 <= result.best_miou <= 1
+
+
+# ---- metrics -------------------------------------------------------------------------------
+
+
+def test_miou_from_accumulated_confusion_matrix():
+    # batch 1: truth 0 0 0 1, pred 0 0 1 1;  batch 2: truth 1 1 1 1, pred 1 1 1 1
+    batches = [(torch.tensor([[0, 0, 1, 1]]), torch.tensor([[0, 0, 0, 1]])), (torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))]
+    cm = ConfusionMatrix(2)
+    per_batch = []
+    for pred, target in batches:
+        cm.update(pred, target)
+        one = ConfusionMatrix(2)
+        one.update(pred, target)
+        per_batch.append(one.scores().miou)
+    scores = cm.scores(["bg", "fg"])
+    # by hand: class 0: tp 2, fp 0, fn 1 -> 2/3; class 1: tp 5, fp 1, fn 0 -> 5/6
+    assert scores.per_class_iou == pytest.approx({"bg": 2 / 3, "fg": 5 / 6})
+    assert scores.miou == pytest.approx(0.75)
+    assert scores.pixel_acc == pytest.approx(7 / 8)
+    assert np.mean(per_batch) == pytest.approx((7 / 12 + 1.0) / 2)  # 0.79: the wrong way differs
+    assert abs(np.mean(per_batch) - scores.miou) > 0.03
+    assert cm.matrix.tolist() == [[2, 1], [0, 5]]
+
+
+def test_metrics_absent_classes_and_ignore_index():
+    cm = ConfusionMatrix(3, ignore_index=255)
+    cm.update(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 255, 255]))
+    scores = cm.scores()
+    assert cm.matrix.sum() == 2  # ignored pixels are not counted
+    assert scores.miou == 1.0 and math.isnan(scores.per_class_iou["2"])  # absent from truth and prediction
+    assert SegScores.from_matrix(np.zeros((3, 3))).miou == 0.0
+
+
+def test_score_size_resizes_masks(camvid16, data16, tmp_path):
+    cfg = smoke_cfg(camvid16, **{"data.score_size": 256, "trainer.overlays": 1})
+    train_ds, val_ds = make_datasets(cfg, data16, 0)
+    image, mask, image_id = val_ds[0]
+    assert image.shape == (3, 64, 64) and mask.shape == (256, 256) and mask.dtype == torch.long
+    expected = cv2.resize(data16.cache.load(image_id), (256, 256), interpolation=cv2.INTER_NEAREST)
+    assert np.array_equal(mask.numpy(), expected)
+    assert train_ds[0][1].shape == (64, 64)  # training targets follow the input size
+    assert resize_logits(torch.zeros(2, 12, 64, 64), (256, 256)).shape == (2, 12, 256, 256)
+    trainer = Trainer(cfg, data16, 0, tmp_path, **QUIET)
+    _, scores, samples = trainer.evaluate(keep_samples=1)
+    assert samples[0][1].shape == samples[0][2].shape == (256, 256)
+    assert 0 <= scores.miou <= 1
+
+
+# ---- the embedded sample dataset, end to end -----------------------------------------------
+
+
+def test_smoke_run_on_sample_data_learns(tmp_path):
+    out = tmp_path / "smoke"
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # see one_torch_thread
+    proc = subprocess.run([PYTHON, "training/train.py", "--smoke", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "best val mIoU" in proc.stdout
+    metrics = json.loads((out / METRICS).read_text())
+    assert {"best_miou", "best_epoch", "per_class_iou"} <= set(metrics)
+    assert 1 <= metrics["best_epoch"] <= 4 and len(metrics["history"]) == 4
+    cfg = load_space("deeplab", smoke=True).defaults
+    data = prepare_data(cfg, **QUIET)
+    assert list(metrics["per_class_iou"]) == data.classes and len(data.classes) == 11
+    untrained = evaluate_untrained(cfg, data, fold=0)
+    assert metrics["best_miou"] > 2 * untrained and metrics["best_miou"] > untrained + 0.15, (untrained, metrics["best_miou"])
+    assert (out / LAST).is_file() and (out / BEST).is_file()

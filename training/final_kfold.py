@@ -1,0 +1,68 @@
+"""Five-fold retraining of the search's best configs, OOF ensemble selection and submission.
+
+    python training/final_kfold.py [--experiment NAME] [--top-k K] [--data DIR] [--epochs N]
+        [--tta flip,scale] [--scales 0.75,1.0,1.25] [--vote soft|hard] [--png] [--smoke]
+        [--resume] [--address ADDR] [--mlflow-uri URI]
+
+Reads results/<experiment>/best_configs.yaml (default: the newest), writes
+results/<experiment>/kfold/ (checkpoints per config and fold, summary.json, submission.csv).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from training.cli import run_cli
+from training.errors import ConfigError
+from training.evaluation.predict import DEFAULT_SCALES, TTA_TOKENS, VOTES
+from training.kfold import DEFAULT_TTA, SMOKE_TTA, KFoldOptions, run_kfold
+
+
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated numbers, got {text!r}") from None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--experiment", help="results/<NAME> (or a path to its best_configs.yaml); default: the newest")
+    p.add_argument("--top-k", type=int, default=1, help="how many of the best configs to retrain and ensemble (<= 5; default 1)")
+    p.add_argument("--data", help="dataset root; default: best_configs' data_root, else the embedded sample")
+    p.add_argument("--epochs", type=int, help="epochs per fold; default: the epochs each config reached in the search")
+    p.add_argument("--tta", help=f"test-time augmentation, comma-separated from {list(TTA_TOKENS)}; default {DEFAULT_TTA!r} ({SMOKE_TTA!r} with --smoke)")
+    p.add_argument("--scales", type=_scales, default=DEFAULT_SCALES, help="scales of the 'scale' TTA (default 0.75,1.0,1.25)")
+    p.add_argument("--vote", choices=VOTES, default="soft", help="soft: mean probability; hard: majority of labels (default soft)")
+    p.add_argument("--png", action="store_true", help="also write test masks as PNGs under kfold/test_masks/")
+    p.add_argument("--smoke", action="store_true", help="64 px, small subset, at most 2 epochs, CPU-sized resources")
+    p.add_argument("--resume", action="store_true", help="continue an earlier run: finished folds are skipped, half-trained ones resume")
+    p.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else a local Ray on 127.0.0.1)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default MLFLOW_TRACKING_URI, else the search's)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.epochs is not None and args.epochs < 1:
+        raise ConfigError(f"--epochs: must be >= 1, got {args.epochs}")
+    options = KFoldOptions(
+        experiment=args.experiment,
+        top_k=args.top_k,
+        data=args.data,
+        epochs=args.epochs,
+        tta=args.tta,
+        scales=args.scales,
+        vote=args.vote,
+        smoke=args.smoke,
+        resume=args.resume,
+        address=args.address,
+        mlflow_uri=args.mlflow_uri,
+        png=args.png,
+    )
+    run_kfold(options)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,207 @@
+"""What a search leaves behind: per-trial records, leaderboard.csv, best_configs.yaml, a summary.
+
+Records are built from Tune's Trial objects (live ones in the callback, restored ones from
+the experiment directory after the search), so the leaderboard, the MLflow tags and the
+k-fold contract all classify trials the same way.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+
+from training.config import SearchSpace
+from training.engine.trainer import BEST
+from tune.space import trial_budget, trial_params
+
+LEADERBOARD = "leaderboard.csv"
+BEST_CONFIGS = "best_configs.yaml"
+COMPLETED = "completed"
+STOPPED_BY_ASHA = "stopped by ASHA"
+
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    status: str
+    best_val_miou: float | None
+    best_epoch: int | None
+    epochs_trained: int
+    params: dict[str, Any]
+    checkpoint: str | None  # the trial's best.pt (latest reported checkpoint directory)
+    mlflow_run_id: str | None = None
+    node_id: str | None = None
+    failures: int = 0
+    metric_value: float | None = None  # best value of search.metric, for ranking
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (COMPLETED, STOPPED_BY_ASHA) or self.status.startswith(("error", "stopped"))
+
+    @property
+    def usable(self) -> bool:
+        """A config k-fold may retrain: it trained without error and has a score."""
+        return self.best_val_miou is not None and not self.status.startswith("error")
+
+
+def error_reason(trial: Any) -> str:
+    """`Type: message` of what made a trial fail, one line."""
+    err = None
+    for getter in ("get_pickled_error", "get_error"):
+        try:
+            err = getattr(trial, getter)()
+        except Exception:  # a missing or unreadable error file: try the other one
+            err = None
+        if err is not None:
+            break
+    if err is None:
+        return "unknown error"
+    cause = getattr(err, "cause", None) or err
+    name = type(cause).__name__
+    if name in ("RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError"):
+        return f"{name}: the trial's worker process died"
+    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+    message = lines[-1] if lines else ""
+    if name in ("TuneError", "RayTaskError") and ":" in message:
+        return message[:300]
+    return f"{name}: {message}"[:300]
+
+
+def trial_status(trial: Any, budget: int, ending: bool = False) -> str:
+    """completed | stopped by ASHA | stopped (time budget) | error: <reason> | unfinished.
+
+    `ending`: called from Tune's on_trial_complete, before the trial is marked TERMINATED.
+    """
+    if trial.status == "ERROR":
+        return f"error: {error_reason(trial)}"
+    last = trial.last_result or {}
+    if int(last.get("epoch", 0) or 0) >= budget:
+        return COMPLETED
+    if trial.status == "TERMINATED" or ending:
+        # The scheduler's STOP marks the result `done`; Tune's time budget stops without it.
+        return STOPPED_BY_ASHA if last.get("done") else "stopped (time budget)"
+    return "unfinished"
+
+
+def _best_checkpoint(trial: Any) -> str | None:
+    checkpoint = getattr(trial, "checkpoint", None)
+    if checkpoint is None:
+        return None
+    path = f"{checkpoint.path.rstrip('/')}/{BEST}"
+    if "://" not in path and not os.path.isfile(path):
+        return None
+    return path
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def trial_record(trial: Any, space: SearchSpace, run_id: str | None = None, ending: bool = False) -> TrialRecord:
+    cfg = space.defaults
+    last = trial.last_result or {}
+    metric, mode = cfg.search.metric, cfg.search.mode
+    analysis = (getattr(trial, "metric_analysis", None) or {}).get(metric, {})
+    best_miou = _number(last.get("best_miou"))
+    best_epoch = last.get("best_epoch")
+    return TrialRecord(
+        trial_id=trial.trial_id,
+        status=trial_status(trial, trial_budget(cfg), ending),
+        best_val_miou=best_miou,
+        best_epoch=int(best_epoch) if best_epoch else None,
+        epochs_trained=int(last.get("epoch", 0) or 0),
+        params=trial_params(space, trial.config),
+        checkpoint=_best_checkpoint(trial),
+        mlflow_run_id=run_id,
+        node_id=last.get("node_id"),
+        failures=int(getattr(trial, "num_failures", 0) or 0),
+        metric_value=best_miou if metric in ("val_miou", "best_miou") else _number(analysis.get(mode)),
+    )
+
+
+def collect_records(trials: Iterable[Any], space: SearchSpace, run_id_of: Callable[[str], str | None] = lambda _: None) -> list[TrialRecord]:
+    """Records ranked best first by search.metric (trials without a score last)."""
+    sign = -1.0 if space.defaults.search.mode == "max" else 1.0
+    records = [trial_record(t, space, run_id_of(t.trial_id)) for t in trials]
+    return sorted(records, key=lambda r: (r.metric_value is None, sign * (r.metric_value or 0.0), r.trial_id))
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, dict)):
+        return yaml.safe_dump(value, default_flow_style=True).strip()
+    return value
+
+
+def write_leaderboard(records: list[TrialRecord], path: Path) -> Path:
+    """One row per trial, best first; searched params as columns named by their dotted path."""
+    params = sorted({k for r in records for k in r.params})
+    columns = ["rank", "trial_id", "status", "best_val_miou", "best_epoch", "epochs_trained", *params, "mlflow_run_id", "checkpoint", "node_id", "failures"]
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for rank, r in enumerate(records, 1):
+            row = {"rank": rank, **r.__dict__, **r.params}
+            writer.writerow([_cell(row.get(c)) for c in columns])
+    os.replace(tmp, path)  # readers (k-fold, a user's `watch`) never see half a file
+    return path
+
+
+def read_leaderboard(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def best_configs_document(records: list[TrialRecord], space: SearchSpace, header: dict[str, Any]) -> dict[str, Any]:
+    """THE contract training/final_kfold.py reads (see README): header + top_k configs, best first."""
+    top = [r for r in records if r.usable][: space.defaults.search.top_k]
+    configs = []
+    for rank, r in enumerate(top, 1):
+        configs.append(
+            {
+                "rank": rank,
+                "trial_id": r.trial_id,
+                "best_val_miou": r.best_val_miou,
+                "best_epoch": r.best_epoch,
+                "epochs_trained": r.epochs_trained,
+                "status": r.status,
+                "mlflow_run_id": r.mlflow_run_id,
+                "checkpoint": r.checkpoint,
+                "params": r.params,
+                "config": space.resolve(r.params).to_dict(),
+            }
+        )
+    return {**header, "metric": space.defaults.search.metric, "fold": space.defaults.search.fold, "configs": configs}
+
+
+def write_yaml(document: dict[str, Any], path: Path) -> Path:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(document, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def summary_table(records: list[TrialRecord], top: int = 10) -> str:
+    """The top trials as a fixed-width text table."""
+    params = sorted({k for r in records for k in r.params})
+    header = ["rank", "trial", "status", "mIoU", "ep", *params]
+    rows = []
+    for rank, r in enumerate(records[:top], 1):
+        miou = f"{r.best_val_miou:.4f}" if r.best_val_miou is not None else "-"
+        values = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in (r.params.get(p, "") for p in params)]
+        rows.append([str(rank), r.trial_id, r.status[:40], miou, str(r.epochs_trained), *values])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,227 @@
+"""A config file's distributions and `search:` block -> Ray Tune search space, searcher, scheduler.
+
+Tune trial configs are flat: {dotted config path: sampled value}, exactly what
+`SearchSpace.resolve` takes, so a trial's params, its MLflow params and the
+leaderboard columns all use the same keys.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm, Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from training.config import Config, Distribution, SearchConfig, SearchSpace
+from training.errors import ConfigError, SegtuneError
+
+# Trial results the trainer reports (EpochResult.metrics()) that a search may optimise.
+SEARCHABLE_METRICS = {"val_miou": "max", "best_miou": "max", "pixel_acc": "max", "val_loss": "min", "train_loss": "min"}
+SCALAR_TYPES = (str, int, float, bool, type(None))
+# Tune's progress counter is not the epoch after a restore; schedulers use the trainer's epoch.
+TIME_ATTR = "epoch"
+
+
+class ResumeError(SegtuneError):
+    """A resumed search lost its searcher history (it would silently restart at random)."""
+
+
+def _encode_choice(value: Any) -> Any:
+    # Optuna's categorical takes scalars only; lists/dicts (e.g. an augment pipeline) go as JSON.
+    return value if isinstance(value, SCALAR_TYPES) else "json:" + json.dumps(value, sort_keys=True)
+
+
+def _decode_choice(value: Any) -> Any:
+    return json.loads(value[5:]) if isinstance(value, str) and value.startswith("json:") else value
+
+
+def _domain(dist: Distribution):
+    a = dist.args
+    if dist.kind == "choice":
+        return tune.choice([_encode_choice(v) for v in a])
+    if dist.kind == "uniform":
+        return tune.uniform(a[0], a[1])
+    if dist.kind == "loguniform":
+        return tune.loguniform(a[0], a[1])
+    if dist.kind == "quniform":
+        return tune.quniform(a[0], a[1], a[2])
+    if dist.kind == "randint":
+        return tune.randint(a[0], a[1])  # both [low, high)
+    raise ConfigError(f"{dist.path}: unsupported distribution {dist.kind!r}")
+
+
+def param_space(space: SearchSpace) -> dict[str, Any]:
+    """{dotted path: Tune domain} for every distribution of the config file."""
+    return {path: _domain(dist) for path, dist in space.distributions.items()}
+
+
+def trial_params(space: SearchSpace, trial_config: dict[str, Any]) -> dict[str, Any]:
+    """The searched values of a Tune trial config, as `SearchSpace.resolve` takes them."""
+    return {k: _decode_choice(v) for k, v in trial_config.items() if k in space.distributions}
+
+
+def trial_budget(cfg: Config) -> int:
+    """Epochs a trial trains when nothing stops it early."""
+    sched = cfg.search.scheduler
+    return min(sched.max_t, cfg.trainer.epochs) if sched.name == "asha" else cfg.trainer.epochs
+
+
+def check_search(space: SearchSpace) -> None:
+    """Reject search settings Tune would accept but that waste or break the search (one line)."""
+    cfg = space.defaults
+    search = cfg.search
+    where = space.source
+    if not space.distributions:
+        raise ConfigError(f"{where}: nothing to search: give at least one key a distribution (choice, uniform, loguniform, quniform, randint)")
+    if search.metric not in SEARCHABLE_METRICS:
+        raise ConfigError(f"{where}: search.metric: {search.metric!r} is not reported by the trainer; one of {sorted(SEARCHABLE_METRICS)}")
+    if search.mode != SEARCHABLE_METRICS[search.metric]:
+        raise ConfigError(f"{where}: search.mode: {search.metric} should be {SEARCHABLE_METRICS[search.metric]}imised, got mode {search.mode!r}")
+    sched = search.scheduler
+    if sched.name == "asha":
+        # max_t > epochs: ASHA's top rungs are never reached and its promotion budget is wrong.
+        # max_t < epochs is allowed: trials are cut at max_t (a shorter search budget), and
+        # k-fold later trains the epochs a config reached (best_configs.yaml: epochs_trained).
+        if sched.max_t > cfg.trainer.epochs:
+            raise ConfigError(
+                f"{where}: search.scheduler.max_t: {sched.max_t} exceeds trainer.epochs={cfg.trainer.epochs}; "
+                "trials end at trainer.epochs, so set max_t <= trainer.epochs (usually equal)"
+            )
+        if sched.grace_period > sched.max_t:
+            raise ConfigError(f"{where}: search.scheduler.grace_period: {sched.grace_period} exceeds max_t={sched.max_t}")
+    if search.resources.gpu > 1 and search.resources.gpu != int(search.resources.gpu):
+        raise ConfigError(f"{where}: search.resources.gpu: fractions are for sharing one GPU; use a value <= 1 or a whole number, got {search.resources.gpu}")
+
+
+def build_scheduler(search: SearchConfig) -> TrialScheduler:
+    sched = search.scheduler
+    if sched.name == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr=TIME_ATTR,
+        metric=search.metric,
+        mode=search.mode,
+        max_t=sched.max_t,
+        grace_period=sched.grace_period,
+        reduction_factor=sched.reduction_factor,
+    )
+
+
+def build_search_alg(search: SearchConfig, state_file: str | Path | None = None) -> SearchAlgorithm:
+    """Optuna TPE behind a StartupGate, or Tune's random search; both seeded."""
+    if search.algorithm == "random":
+        return BasicVariantGenerator(max_concurrent=search.max_concurrent, random_state=search.seed)
+    sampler = optuna.samplers.TPESampler(
+        n_startup_trials=search.n_startup_trials,
+        seed=search.seed,
+        multivariate=True,
+        constant_liar=True,  # running trials count as "bad" so concurrent asks spread out
+    )
+    searcher = OptunaSearch(metric=search.metric, mode=search.mode, sampler=sampler)
+    return StartupGate(searcher, search.max_concurrent, search.n_startup_trials, str(state_file) if state_file else None)
+
+
+def optuna_study(search_alg: Any) -> optuna.Study:
+    """The Optuna study inside a (wrapped) OptunaSearch."""
+    while hasattr(search_alg, "searcher"):
+        search_alg = search_alg.searcher
+    # OptunaSearch keeps the study private; it is the searcher's whole state.
+    return search_alg._ot_study
+
+
+FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def random_draws(study: optuna.Study, n_startup_trials: int) -> list[int]:
+    """Numbers of the trials TPE sampled at random: fewer than n_startup_trials trials had
+    finished (COMPLETE or PRUNED, what TPESampler counts) when they started."""
+    finished_at = sorted(t.datetime_complete for t in study.trials if t.state in FINISHED_STATES and t.datetime_complete)
+    drawn = []
+    for t in study.trials:
+        done_before = sum(1 for c in finished_at if c <= t.datetime_start)
+        if done_before < n_startup_trials:
+            drawn.append(t.number)
+    return drawn
+
+
+class StartupGate(ConcurrencyLimiter):
+    """ConcurrencyLimiter that also bounds Optuna's random start-up trials, and guards resume.
+
+    TPESampler samples at random until n_startup_trials trials have *finished*; with k trials
+    running at once, n_startup_trials + k - 1 draws would be random. The gate holds back new
+    trials while the next draw would be random and n_startup_trials random trials are already
+    out. A failed random trial is replaced (Optuna does not count failed trials either), so
+    random draws <= n_startup_trials + failed start-up trials. Written here because neither
+    Tune nor Optuna offers this bound.
+
+    On a resumed search (search_state.json says so) it refuses to sample unless Tune restored
+    its state and the Optuna study holds the previous trials: Tune's restore falls back to a
+    fresh experiment on error, which would quietly restart TPE at random.
+    """
+
+    def __init__(self, searcher: Searcher, max_concurrent: int, n_startup_trials: int, state_file: str | None = None):
+        super().__init__(searcher, max_concurrent)
+        self.n_startup_trials = n_startup_trials
+        self.random_trials: list[str] = []
+        self.failed_random: list[str] = []
+        self.state_file = state_file
+        self.restored = False
+        self._resume_checked = False
+
+    @property
+    def study(self) -> optuna.Study:
+        return optuna_study(self)
+
+    def _finished(self) -> int:
+        return len(self.study.get_trials(deepcopy=False, states=FINISHED_STATES))
+
+    def suggest(self, trial_id: str) -> dict | None:
+        self.check_resume()
+        if len(self.live_trials) >= self.max_concurrent:
+            return None
+        random_draw = self._finished() < self.n_startup_trials
+        if random_draw and len(self.random_trials) - len(self.failed_random) >= self.n_startup_trials:
+            return None  # wait: the start-up trials out there will tell TPE enough
+        suggestion = super().suggest(trial_id)
+        if random_draw and suggestion not in (None, Searcher.FINISHED):
+            self.random_trials.append(trial_id)
+        return suggestion
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self.check_resume()
+        super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.check_resume()
+        if error and trial_id in self.random_trials and trial_id not in self.failed_random:
+            self.failed_random.append(trial_id)
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        self.restored = True
+        self._resume_checked = False
+
+    def check_resume(self) -> None:
+        if self._resume_checked or not self.state_file:
+            return
+        self._resume_checked = True
+        try:
+            state = json.loads(Path(self.state_file).read_text())
+        except (OSError, ValueError):
+            return
+        expected = (state.get("resume") or {}).get("trials_before", 0)
+        if not expected:
+            return
+        have = len(self.study.trials)
+        if not self.restored or have < expected:
+            raise ResumeError(
+                f"resume: the Optuna searcher came back with {have} of the {expected} earlier trials "
+                f"(restored={self.restored}); refusing to continue as a fresh random search. "
+                "See the Tune log above for why its state could not be restored."
+            )
