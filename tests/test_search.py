@@ -30,6 +30,7 @@ from conftest import PYTHON, REPO, write_camvid_subset
 SMOKE_TRIALS = 6  # SMOKE_PRESET: 6 trials, max_t 4 = trainer.epochs, 3 start-up trials, 2 at once
 SMOKE_EPOCHS = 4
 SMOKE_STARTUP = 3
+RESUME_TRIALS = 4  # killed after 2 finished, 2 more after the resume
 FINISHED = ("completed", "stopped by ASHA")
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -393,7 +394,7 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     env = search_env(results, ray_tmp)
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     with open(first_log, "w") as out:
-        first = subprocess.Popen(search_cmd("--space", "deeplab", "--smoke", "--data", str(data), "--experiment", "resume", "--mlflow-uri", uri),
+        first = subprocess.Popen(search_cmd("--space", "deeplab", "--smoke", "--num-samples", str(RESUME_TRIALS), "--data", str(data), "--experiment", "resume", "--mlflow-uri", uri),
                                  cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             deadline = time.time() + 400
@@ -420,7 +421,7 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     assert second.returncode == 0, tail(second_log)
 
     after = read_leaderboard(exp / "leaderboard.csv")
-    assert len(after) == SMOKE_TRIALS and all(row["status"] in FINISHED for row in after), [row["status"] for row in after]
+    assert len(after) == RESUME_TRIALS and all(row["status"] in FINISHED for row in after), [row["status"] for row in after]
     for trial_id, row in finished_before.items():  # finished trials were not trained again
         trial_dir = exp / "tune" / f"trial_{trial_id}"
         assert sum(kind == "start" for _, kind, _ in events(trial_dir)) == starts_before[trial_dir.name]
@@ -431,7 +432,7 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     # the Optuna history came back: the pre-crash trials are the study's first trials, and the
     # start-up bound held across the restart (a fresh study would have drawn at random again)
     study = newest_study(exp / "tune")
-    assert len(study.trials) == SMOKE_TRIALS
+    assert len(study.trials) == RESUME_TRIALS
     params_of = {json.dumps(t.params, sort_keys=True) for t in study.trials}
     for trial_dir in (exp / "tune").glob("trial_*"):
         params = json.loads((trial_dir / "params.json").read_text())
