@@ -4,7 +4,7 @@ Both searches use Tune's random search with the same seed, so they sample the sa
 (checked); FIFO trains each for max_t epochs, ASHA stops the weak ones at its rungs.
 Target: >= 3x fewer epochs with ASHA and the same best config (+-0.01 mIoU).
 
-    python benchmarks/asha_vs_fifo.py [--configs 16] [--max-t 9] [--reduction-factor 3] [--data DIR] [--json]
+    python benchmarks/asha_vs_fifo.py [--configs 16] [--max-t 16] [--reduction-factor 4] [--data DIR] [--json]
 
 Default scale: the embedded sample data at 64 px (the --smoke preset), CPU, 2 trials at once.
 """
@@ -21,9 +21,9 @@ from pathlib import Path
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", type=int, default=16)
-    p.add_argument("--max-t", type=int, default=9, help="epochs of a full trial (= trainer.epochs)")
+    p.add_argument("--max-t", type=int, default=16, help="epochs of a full trial (= trainer.epochs)")
     p.add_argument("--grace-period", type=int, default=1)
-    p.add_argument("--reduction-factor", type=float, default=3.0)
+    p.add_argument("--reduction-factor", type=float, default=4.0)
     p.add_argument("--concurrent", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", help="dataset root (default: the embedded sample)")

@@ -23,6 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=4)
     p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--image-size", type=int, default=64, help="training and scoring resolution (multiple of 32)")
     p.add_argument("--data", help="dataset root (default: the embedded sample)")
     p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the one trial (and the local Ray)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -45,6 +46,8 @@ def main(argv=None) -> dict:
         "search.resources.cpu": args.cpus,
         "trainer.epochs": args.epochs,
         "search.scheduler.max_t": args.epochs,
+        "data.image_size": args.image_size,
+        "data.score_size": args.image_size,
     }
     outcome = run_search(
         SearchOptions(space="deeplab", smoke=True, data=args.data, experiment="overhead", overrides=overrides,
@@ -74,6 +77,7 @@ def main(argv=None) -> dict:
         "trials": args.trials,
         "epochs_per_trial": args.epochs,
         "cpus": args.cpus,
+        "image_size": args.image_size,
         "search_total_s": round(outcome.seconds, 2),
         "search_ray_start_s": round(outcome.ray_start_seconds, 2),
         "search_tune_loop_s": round(outcome.fit_seconds, 2),
@@ -86,7 +90,7 @@ def main(argv=None) -> dict:
     if args.json:
         print(json.dumps(figures))
     else:
-        print(f"\n{args.trials} trials x {args.epochs} epochs, one at a time, {args.cpus} CPUs")
+        print(f"\n{args.trials} trials x {args.epochs} epochs at {args.image_size} px, one at a time, {args.cpus} CPUs")
         print(f"  search, whole command   {figures['search_total_s']:8.1f} s  (Ray start {figures['search_ray_start_s']:.1f} s)")
         print(f"  search, Tune loop only  {figures['search_tune_loop_s']:8.1f} s")
         print(f"  plain trainer in a loop {figures['sequential_total_s']:8.1f} s  (training only {figures['sequential_train_s']:.1f} s)")

@@ -2,8 +2,8 @@
 
 One module-scoped smoke search (32 images, 64 px, 6 trials, ASHA max_t 4, 2 concurrent) runs
 the real command in a subprocess; while it runs, one trial's worker is killed with SIGKILL.
-Most assertions read what that search left behind. Two more searches: one whose driver is
-killed and then resumed, one on a two-node Ray cluster. Every process a test starts is
+Most assertions read what that search left behind. One more search has its driver killed and
+then resumed (the two-node cluster is tests/test_multinode.py). Every process a test starts is
 stopped by that test, by pid.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import pickle
 import signal
@@ -453,7 +452,7 @@ def test_resume_after_the_driver_is_killed(tmp_path):
         assert len(steps) == len(set(steps)), run.data.tags["segtune.trial_id"]
 
 
-# ---- two-node Ray cluster ------------------------------------------------------------------
+# ---- helpers for the two-node Ray cluster of tests/test_multinode.py ---------------------
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -468,47 +467,3 @@ def wait_for_nodes(address: str, count: int, env: dict, timeout: float = 90) -> 
             return
         time.sleep(1)
     raise AssertionError(f"the Ray cluster at {address} did not reach {count} nodes")
-
-
-def test_trials_run_on_both_nodes_of_a_two_node_cluster(tmp_path):
-    data = write_camvid_subset(tmp_path / "camvid24", n_train=24)
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    # Ray 2.60 maps 127.0.0.1 to this machine's address for multi-node clusters; token auth on.
-    env = dict(os.environ, RAY_AUTH_MODE="token")
-    env.pop("RAY_ADDRESS", None)
-    ray_bin = str(Path(PYTHON).parent / "ray")
-    common = ["--num-cpus=1", "--object-store-memory=100000000", "--disable-usage-stats", "--block"]
-    head_log, node_log = open(tmp_path / "head.log", "w"), open(tmp_path / "node2.log", "w")
-    head = subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
-                             f"--temp-dir={short_tmp('rh')}", *common], env=env, stdout=head_log, stderr=subprocess.STDOUT)
-    node2 = None
-    try:
-        wait_for_nodes(address, 1, env)
-        node2 = subprocess.Popen([ray_bin, "start", f"--address={address}", '--resources={"node2": 1}', f"--temp-dir={short_tmp('rw')}", *common],
-                                 env=env, stdout=node_log, stderr=subprocess.STDOUT)
-        wait_for_nodes(address, 2, env)
-        results = tmp_path / "results"
-        log = tmp_path / "search.log"
-        with open(log, "w") as out:
-            run = subprocess.run(
-                search_cmd("--space", "deeplab", "--smoke", "--num-samples", "2", "--data", str(data), "--experiment", "cluster",
-                           "--address", address, "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"),
-                cwd=REPO, env=dict(env, SEGTUNE_RESULTS=str(results), PYTHONUNBUFFERED="1"), stdout=out, stderr=subprocess.STDOUT, timeout=400,
-            )
-        assert run.returncode == 0, tail(log)
-        board = read_leaderboard(results / "cluster" / "leaderboard.csv")
-        assert len(board) == 2 and all(row["status"] in FINISHED for row in board)
-        assert len({row["node_id"] for row in board}) == 2  # one trial per 1-CPU node
-        hosts = {f["node"] for row in board for _, kind, f in events(results / "cluster" / "tune" / f"trial_{row['trial_id']}") if kind == "start"}
-        assert hosts == {row["node_id"] for row in board}
-    finally:
-        for proc in (node2, head):  # `ray start --block` stops its node's processes on SIGTERM
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-        head_log.close()
-        node_log.close()

@@ -856,7 +856,7 @@ def _train_all(jobs: list[FoldJob], data, tracking: KFoldTracking, connection: R
                     continue
                 tracking.finish_child(job)
                 metrics = json.loads((job.out_dir / METRICS).read_text())
-                log(f"  {job.name}: {job.status}, best val mIoU {metrics['best_miou']:.4f} at epoch {metrics['best_epoch']}")
+                log(f"  {job.name}: {job.status} on node {result['node']}, best val mIoU {metrics['best_miou']:.4f} at epoch {metrics['best_epoch']}")
     finally:
         ray.kill(queue.actor)
     if failures:

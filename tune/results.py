@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -39,7 +39,6 @@ class TrialRecord:
     node_id: str | None = None
     failures: int = 0
     metric_value: float | None = None  # best value of search.metric, for ranking
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -156,11 +155,6 @@ def write_leaderboard(records: list[TrialRecord], path: Path) -> Path:
             writer.writerow([_cell(row.get(c)) for c in columns])
     os.replace(tmp, path)  # readers (k-fold, a user's `watch`) never see half a file
     return path
-
-
-def read_leaderboard(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
 
 
 def best_configs_document(records: list[TrialRecord], space: SearchSpace, header: dict[str, Any]) -> dict[str, Any]:

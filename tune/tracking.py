@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -182,8 +184,17 @@ class MlflowSearchCallback(Callback):
         write_leaderboard(records, self.results_dir / LEADERBOARD)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        if self.tracker is not None and self.deferred_finish:
-            self.tracker.flush()  # the server may be back: try now rather than after the retry pause
-            self._retry_deferred(trials)
-        if self.tracker is not None and self.tracker.pending and not self.tracker.flush():
+        if self.tracker is None:
+            return
+        # Training is over, but what an outage queued lives only in this process: give the
+        # server a bounded grace period to come back before reporting the loss.
+        deadline = time.monotonic() + float(os.environ.get("SEGTUNE_MLFLOW_GRACE_S", "90"))
+        while (self.tracker.pending or self.deferred_finish) and time.monotonic() < deadline:
+            if self.tracker.flush():
+                self._retry_deferred(trials)
+                if not (self.tracker.pending or self.deferred_finish):
+                    break
+            print(f"mlflow: waiting up to {deadline - time.monotonic():.0f}s for {self.tracker.uri} to replay {len(self.tracker.pending)} queued calls", flush=True)
+            time.sleep(5)
+        if self.tracker.pending or self.deferred_finish:
             print(f"WARNING mlflow: {len(self.tracker.pending)} logging calls could not be replayed; MLflow is still down", flush=True)
