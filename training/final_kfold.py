@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scales", type=_scales, default=DEFAULT_SCALES, help="scales of the 'scale' TTA (default 0.75,1.0,1.25)")
     p.add_argument("--vote", choices=VOTES, default="soft", help="soft: mean probability; hard: majority of labels (default soft)")
     p.add_argument("--png", action="store_true", help="also write test masks as PNGs under kfold/test_masks/")
-    p.add_argument("--smoke", action="store_true", help="64 px, small subset, at most 2 epochs, CPU-sized resources")
+    p.add_argument("--smoke", action="store_true", help="64 px, small subset, at most 4 epochs (the smoke search's max_t), CPU-sized resources")
     p.add_argument("--resume", action="store_true", help="continue an earlier run: finished folds are skipped, half-trained ones resume")
     p.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else a local Ray on 127.0.0.1)")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default MLFLOW_TRACKING_URI, else the search's)")

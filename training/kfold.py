@@ -41,7 +41,7 @@ SUMMARY = "summary.json"
 PLAN = "plan.json"
 SUBMISSION_META = "submission.json"
 MAX_TOP_K = 5  # 2^k - 1 subset confusion matrices per (mode, vote)
-SMOKE_EPOCH_CAP = 2
+SMOKE_EPOCH_CAP = 4  # the smoke search's max_t: retrain as long as the search trained
 SMOKE_TTA = "flip"
 DEFAULT_TTA = "flip,scale"
 # Config keys that must agree across the ensembled configs: they decide which images are
