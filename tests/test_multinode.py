@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from conftest import PYTHON, REPO, write_camvid_subset
-from test_search import FINISHED, events, free_port, read_leaderboard, search_cmd, short_tmp, tail, wait_for_nodes
+from services import free_port
+from test_search import FINISHED, events, read_leaderboard, search_cmd, short_tmp, tail, wait_for_nodes
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 RAY = str(Path(PYTHON).parent / "ray")

@@ -14,7 +14,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,6 +24,7 @@ import pytest
 import yaml
 
 from conftest import PYTHON, REPO, write_camvid_subset
+
 
 SMOKE_TRIALS = 6  # SMOKE_PRESET: 6 trials, max_t 4 = trainer.epochs, 3 start-up trials, 2 at once
 SMOKE_EPOCHS = 4
@@ -453,12 +453,6 @@ def test_resume_after_the_driver_is_killed(tmp_path):
 
 
 # ---- helpers for the two-node Ray cluster of tests/test_multinode.py ---------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_for_nodes(address: str, count: int, env: dict, timeout: float = 90) -> None:
     probe = f"import ray, sys; ray.init(address='{address}', log_to_driver=False); sys.exit(0 if sum(n['Alive'] for n in ray.nodes()) >= {count} else 1)"
     deadline = time.time() + timeout
