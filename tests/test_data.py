@@ -305,3 +305,53 @@ def test_cli_broken_data_exits_2_without_checkpoint(camvid_copy, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert f"annotation id {coco['annotations'][0]['id']}" in lines[0] and "train.json" in lines[0]
     assert not out.exists()  # failed before the trainer made the output dir
+
+
+@pytest.mark.parametrize("factor", [0, 1, 2, 3])
+def test_rotate90_matches_albumentations(camvid_small, factor):
+    """The cv2 RandomRotate90 that YAML's `RandomRotate90` builds gives albumentations' output."""
+    import albumentations as A
+
+    from training.data.coco import load_coco, read_image
+    from training.data.transforms import RandomRotate90, _transform_class
+
+    assert _transform_class("RandomRotate90", "augment[0]") is RandomRotate90
+    index = load_coco(camvid_small, "train.json")
+    image = read_image(index.image_path(index.image_ids[0]))
+    mask = np.arange(image.shape[0] * image.shape[1], dtype=np.uint32).reshape(image.shape[:2]).astype(np.uint8)
+    ours, theirs = RandomRotate90(p=1), A.RandomRotate90(p=1)
+    for image_in in (image, image[:, :, 0]):  # RGB and single channel
+        assert np.array_equal(ours.apply(image_in, factor), theirs.apply(image_in, factor))
+    assert np.array_equal(ours.apply_to_mask(mask, factor=factor), theirs.apply_to_mask(mask, factor=factor))
+    assert ours.apply(image, factor).flags.c_contiguous
+
+
+def test_image_cache_serves_decoded_images_and_notices_replaced_files(camvid_copy, tmp_path):
+    from training.data.coco import ImageCache, load_coco, read_image
+
+    index = load_coco(camvid_copy, "train.json")
+    cache = ImageCache(index, tmp_path / "cache")
+    first, second = index.image_ids[:2]
+    decoded = read_image(index.image_path(first))
+    assert np.array_equal(cache.load(first), decoded)  # decoded and written
+    entry = cache.entry(first)
+    assert entry.is_file() and np.array_equal(np.load(entry), decoded)
+    assert np.array_equal(cache.load(first), decoded)  # served from the entry
+    # Replace the image file with another image: a new entry, the new pixels.
+    shutil.copyfile(index.image_path(second), index.image_path(first))
+    replaced = read_image(index.image_path(first))
+    assert not np.array_equal(replaced, decoded)
+    assert cache.entry(first) != entry and np.array_equal(cache.load(first), replaced)
+    # A torn entry is decoded again, not trusted.
+    cache.entry(first).write_bytes(entry.read_bytes()[:100])
+    assert np.array_equal(cache.load(first), replaced)
+
+
+def test_image_cache_that_cannot_be_written_still_decodes(camvid_copy, tmp_path):
+    from training.data.coco import ImageCache, load_coco, read_image
+
+    index = load_coco(camvid_copy, "train.json")
+    not_a_dir = tmp_path / "cache"
+    not_a_dir.write_text("a file where the cache directory should be")
+    image_id = index.image_ids[0]
+    assert np.array_equal(ImageCache(index, not_a_dir).load(image_id), read_image(index.image_path(image_id)))

@@ -41,8 +41,10 @@ def camvid_batch(camvid_small):
     from training.data.dataset import ImageDataset
     from training.evaluation.predict import InputSpec
 
+    from training.data.transforms import normalize_images
+
     ds = ImageDataset(index, index.image_ids[:4], InputSpec.of(cfg).transform())
-    images = torch.stack([ds[i][0] for i in range(4)])
+    images = normalize_images(torch.stack([ds[i][0] for i in range(4)]), cfg.augment.mean, cfg.augment.std)
     return cfg, index, images
 
 
@@ -167,7 +169,9 @@ def test_ensemble_prediction_streams_models_with_different_inputs(camvid_batch):
     loader = DataLoader(ImageDataset(index, ids, MultiInputTransform(specs)), batch_size=2)
     out = list(iter_predictions(members, loader, (256, 256), TTA(hflip=True), "soft"))
     assert [i for i, _ in out] == ids
-    inputs = [torch.stack([spec.transform()(image=_read(index, i))["image"] for i in ids]) for spec in specs]
+    from training.data.transforms import normalize_images
+
+    inputs = [normalize_images(torch.stack([spec.transform()(image=_read(index, i))["image"] for i in ids]), spec.mean, spec.std) for spec in specs]
     expected = soft_vote([predict_proba(m.model, inputs[m.input_index], (256, 256), TTA(hflip=True)) for m in members])
     for (_, mask), exp in zip(out, expected):
         assert mask.shape == (256, 256) and mask.dtype == np.uint8

@@ -168,8 +168,9 @@ def test_bf16_autocast_keeps_loss_in_fp32(camvid16, data16, tmp_path):
     trainer = Trainer(cfg, data16, 0, tmp_path, device="cpu", **QUIET)
     assert trainer.dtype == torch.bfloat16
     images, masks, _ = next(iter(trainer.train_loader))
+    masks = masks.long()
     with trainer._autocast():
-        logits = trainer.model(images)
+        logits = trainer.model(trainer._model_input(images))
         loss, parts = trainer.loss_fn(logits, masks)
     assert logits.dtype == torch.bfloat16  # the model really ran in bf16
     assert loss.dtype == torch.float32 and all(p.dtype == torch.float32 for p in parts.values())
@@ -303,7 +304,7 @@ def test_score_size_resizes_masks(camvid16, data16, tmp_path):
     cfg = smoke_cfg(camvid16, **{"data.score_size": 256, "trainer.overlays": 1})
     train_ds, val_ds = make_datasets(cfg, data16, 0)
     image, mask, image_id = val_ds[0]
-    assert image.shape == (3, 64, 64) and mask.shape == (256, 256) and mask.dtype == torch.long
+    assert image.shape == (3, 64, 64) and mask.shape == (256, 256) and mask.dtype == torch.uint8
     expected = cv2.resize(data16.cache.load(image_id), (256, 256), interpolation=cv2.INTER_NEAREST)
     assert np.array_equal(mask.numpy(), expected)
     assert train_ds[0][1].shape == (64, 64)  # training targets follow the input size
@@ -312,6 +313,25 @@ def test_score_size_resizes_masks(camvid16, data16, tmp_path):
     _, scores, samples = trainer.evaluate(keep_samples=1)
     assert samples[0][1].shape == samples[0][2].shape == (256, 256)
     assert 0 <= scores.miou <= 1
+
+
+def test_samples_are_uint8_and_normalised_on_the_device_like_albumentations(camvid16, data16):
+    """Loader workers ship uint8; the trainer's normalisation equals albumentations' Normalize."""
+    import albumentations as A
+
+    from training.data.coco import read_image
+    from training.data.transforms import normalize_images
+
+    cfg = smoke_cfg(camvid16)
+    _, val_ds = make_datasets(cfg, data16, 0)
+    image, _, image_id = val_ds[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 64, 64)
+    resized = cv2.resize(read_image(data16.index.image_path(image_id)), (64, 64), interpolation=cv2.INTER_LINEAR)
+    assert np.array_equal(image.permute(1, 2, 0).numpy(), resized)
+    reference = A.Normalize(mean=cfg.augment.mean, std=cfg.augment.std)(image=resized)["image"]
+    ours = normalize_images(image[None], cfg.augment.mean, cfg.augment.std)[0].permute(1, 2, 0).numpy()
+    assert ours.dtype == np.float32
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
 
 
 # ---- the embedded sample dataset, end to end -----------------------------------------------

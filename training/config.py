@@ -42,7 +42,8 @@ class DataConfig(_Strict):
     subset: int | None = Field(None, ge=4)  # keep only the first N train images (smoke runs)
     batch_size: int = Field(8, ge=1)
     num_workers: int = Field(2, ge=0)
-    cache_dir: str | None = None  # mask cache; default ~/.cache/segtune or SEGTUNE_CACHE
+    cache_dir: str | None = None  # mask (and image) cache; default ~/.cache/segtune or SEGTUNE_CACHE
+    image_cache: bool = True  # keep decoded training images as .npy in the cache (disk: H*W*3 bytes each)
 
     @field_validator("image_size")
     @classmethod

@@ -565,7 +565,7 @@ def oof_fold_task(
     from training.cli import quiet_library_warnings
     from training.data.dataset import SegmentationDataset, fold_split
     from training.engine.trainer import resolve_device
-    from training.evaluation.predict import TTA, MultiInputTransform, SubsetScorer, assign_inputs, load_member, predict_proba_views
+    from training.evaluation.predict import TTA, MultiInputTransform, SubsetScorer, assign_inputs, load_member, model_inputs, predict_proba_views
     from training.evaluation.submission import save_mask_png
 
     quiet_library_warnings()
@@ -585,9 +585,9 @@ def oof_fold_task(
     seen: list[int] = []
     out_size = (score_size, score_size)
     for inputs, masks, ids in loader:
-        inputs = [x.to(device) for x in inputs]
+        inputs = model_inputs(members, inputs, device)
         per_config = [predict_proba_views(m.model, inputs[m.input_index], out_size, tta, m.divisor, m.dtype) for m in members]
-        labels = scorer.update(per_config, masks.to(device))
+        labels = scorer.update(per_config, masks.to(device).long())
         chosen = labels[f"{vote_method}_{'tta' if tta.enabled else 'plain'}"].to(torch.uint8).cpu().numpy()
         for image_id, mask in zip(ids.tolist(), chosen):
             seen.append(image_id)

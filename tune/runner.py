@@ -355,6 +355,10 @@ def run_search(opts: SearchOptions, log: Callable[[str], None] = print) -> Searc
         # num_to_keep snapshots the experiment state at every checkpoint, on purpose (resume
         # loses at most the running epoch); Tune warns about that each time.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        # Tune saves its experiment state (trial statuses) at most every 10 s by default, so a
+        # driver killed shortly after a trial ended would resume that trial and train it again.
+        # Saving at every controller step (a few small files) closes that window.
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
         from ray import tune
 
         from tune.trainable import train_trial

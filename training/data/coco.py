@@ -260,12 +260,66 @@ class MaskCache:
         return self
 
     def load(self, image_id: int) -> np.ndarray:
-        return np.load(self.path(image_id))
+        img = self.index.image(image_id)
+        return read_uint8_npy(self.path(image_id), (img.height, img.width))
+
+
+def read_uint8_npy(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """A uint8 array that np.save wrote, of known shape: np.load without its header parsing.
+
+    np.load parses the header with ast.literal_eval, ~0.06 ms a file: as long as reading a
+    mask. The header is checked by a byte comparison instead. ValueError if it does not match.
+    """
+    with open(path, "rb") as f:
+        buf = bytearray(os.fstat(f.fileno()).st_size)  # bytearray: the array stays writable
+        f.readinto(buf)
+    n = int(np.prod(shape))
+    header = bytes(buf[: len(buf) - n])
+    if not header.startswith(b"\x93NUMPY") or b"'descr': '|u1', 'fortran_order': False, 'shape': " + repr(tuple(shape)).encode() not in header:
+        raise ValueError(f"{path}: not a cached uint8 array of shape {tuple(shape)}")
+    return np.frombuffer(buf, np.uint8, count=n, offset=len(buf) - n).reshape(shape)
 
 
 def read_image(path: Path) -> np.ndarray:
     """An RGB uint8 image."""
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
+    rgb = cv2.imread(str(path), cv2.IMREAD_COLOR_RGB)
+    if rgb is None:
         raise DataError(f"{path}: cannot read image")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return rgb
+
+
+class ImageCache:
+    """Decoded RGB images as .npy files, written the first time each image is read.
+
+    Reading a cached 480x360 image takes ~0.1 ms against ~0.9 ms to decode its JPEG, which is a
+    quarter of a training sample's loader time. Entries are named after the source file's size
+    and mtime, so a replaced image is decoded again. The cache only speeds things up: if it
+    cannot be written (disk full, read-only), images are decoded as before.
+    """
+
+    def __init__(self, index: CocoIndex, cache_root: str | Path | None = None):
+        self.index = index
+        root = Path(cache_root) if cache_root else default_cache_root()
+        self.dir = root / "images" / index.content_hash[:20]
+
+    def entry(self, image_id: int) -> Path:
+        stat = os.stat(self.index.image_path(image_id))
+        return self.dir / f"{image_id}-{stat.st_size}-{stat.st_mtime_ns}.npy"
+
+    def load(self, image_id: int) -> np.ndarray:
+        entry = self.entry(image_id)
+        img = self.index.image(image_id)
+        try:
+            return read_uint8_npy(entry, (img.height, img.width, 3))
+        except (OSError, ValueError):  # not cached yet, unreadable or not what we expect: decode again
+            pass
+        image = read_image(self.index.image_path(image_id))
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, image)
+            os.replace(tmp, entry)  # atomic: concurrent loader workers write the same bytes
+        except OSError:
+            pass
+        return image

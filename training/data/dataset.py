@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from training.data.coco import CocoIndex, MaskCache, load_coco, read_image
+from training.data.coco import CocoIndex, ImageCache, MaskCache, load_coco, read_image
 from training.data.folds import FoldManifest, load_or_create_folds
 from training.data.transforms import build_transform
 from training.errors import DataError
@@ -95,7 +95,10 @@ def fold_split(data: PreparedData, fold: int | None, subset: int | None) -> tupl
 
 
 class SegmentationDataset(Dataset):
-    """(image tensor C x H x W, mask tensor H x W long, image id) for the given images.
+    """(uint8 image tensor C x H x W, uint8 mask tensor H x W, image id) for the given images.
+
+    Both stay uint8 through the DataLoader (a quarter / an eighth of the bytes of float32 and
+    int64); the trainer converts them on its device.
 
     With `score_size`, the returned mask is the cached full-resolution mask resized (nearest)
     to score_size x score_size, so metrics are computed at the competition's resolution.
@@ -108,19 +111,21 @@ class SegmentationDataset(Dataset):
         image_ids: Sequence[int],
         transform: "A.Compose",
         score_size: int | None = None,
+        images: ImageCache | None = None,
     ):
         self.index = index
         self.cache = cache
         self.image_ids = list(image_ids)
         self.transform = transform
         self.score_size = score_size
+        self.images = images  # None: decode every time
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
     def __getitem__(self, i: int):
         image_id = self.image_ids[i]
-        image = read_image(self.index.image_path(image_id))
+        image = self.images.load(image_id) if self.images else read_image(self.index.image_path(image_id))
         mask = self.cache.load(image_id)
         out = self.transform(image=image, mask=mask)
         if self.score_size is not None:
@@ -128,11 +133,11 @@ class SegmentationDataset(Dataset):
             target = torch.from_numpy(target)
         else:
             target = out["mask"]
-        return out["image"], target.long(), image_id
+        return out["image"], target, image_id
 
 
 class ImageDataset(Dataset):
-    """Images only (test set prediction): (image tensor, image id)."""
+    """Images only (test set prediction): (uint8 image tensor, image id)."""
 
     def __init__(self, index: CocoIndex, image_ids: Sequence[int], transform: "A.Compose"):
         self.index = index
@@ -153,11 +158,15 @@ def make_datasets(cfg: "Config", data: PreparedData, fold: int | None) -> tuple[
         raise DataError(f"fold {fold}: {len(train_ids)} train and {len(val_ids)} val images; need both (raise data.subset?)")
     aug = cfg.augment
     size = cfg.data.image_size
-    train_tf = build_transform(aug.train, size, aug.mean, aug.std, train=True)
-    eval_tf = build_transform(aug.eval, size, aug.mean, aug.std, train=False)
+    train_tf = build_transform(aug.train, size, train=True)
+    eval_tf = build_transform(aug.eval, size, train=False)
     val_index, val_cache = (data.val_index, data.val_cache) if fold is None else (data.index, data.cache)
-    train_ds = SegmentationDataset(data.index, data.cache, train_ids, train_tf)
-    val_ds = SegmentationDataset(val_index, val_cache, val_ids, eval_tf, score_size=cfg.data.score_size or size)
+
+    def images(index: CocoIndex) -> ImageCache | None:
+        return ImageCache(index, cfg.data.cache_dir) if cfg.data.image_cache else None
+
+    train_ds = SegmentationDataset(data.index, data.cache, train_ids, train_tf, images=images(data.index))
+    val_ds = SegmentationDataset(val_index, val_cache, val_ids, eval_tf, score_size=cfg.data.score_size or size, images=images(val_index))
     return train_ds, val_ds
 
 

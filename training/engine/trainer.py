@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from training.data.dataset import PreparedData, make_datasets, seed_worker_transform
+from training.data.transforms import normalize_images
 from training.errors import NonFiniteLossError, SegtuneError
 from training.evaluation.metrics import ConfusionMatrix, resize_logits
 from training.modeling.losses import LossMix
@@ -285,8 +286,8 @@ class Trainer:
         term_sums: dict[str, float] = {}
         start = time.perf_counter()
         for step, (images, masks, _) in enumerate(self.train_loader):
-            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-            masks = masks.to(self.device, non_blocking=True)
+            images = self._model_input(images.to(self.device, non_blocking=True))
+            masks = masks.to(self.device, non_blocking=True).long()
             with self._autocast():
                 logits = self.model(images)
             loss, terms = self.loss_fn(logits, masks)
@@ -312,6 +313,11 @@ class Trainer:
         seconds = time.perf_counter() - start
         return total / max(count, 1), {k: v / max(count, 1) for k, v in term_sums.items()}, count / max(seconds, 1e-9)
 
+    def _model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """A uint8 batch already on the device -> the model's normalised float input."""
+        aug = self.cfg.augment
+        return normalize_images(images, aug.mean, aug.std).contiguous(memory_format=self.memory_format)
+
     @torch.no_grad()
     def evaluate(self, keep_samples: int = 0):
         """(val loss, scores, up to `keep_samples` (image, mask, pred) arrays for overlays)."""
@@ -319,9 +325,9 @@ class Trainer:
         cm = ConfusionMatrix(len(self.classes), self.cfg.loss.ignore_index)
         total, count = 0.0, 0
         samples = []
-        for images, masks, _ in self.val_loader:
-            images = images.to(self.device, memory_format=self.memory_format)
-            masks = masks.to(self.device)
+        for raw, masks, _ in self.val_loader:
+            images = self._model_input(raw.to(self.device))
+            masks = masks.to(self.device).long()
             with self._autocast():
                 logits = self.model(images)
             logits = resize_logits(logits.float(), tuple(masks.shape[-2:]))
@@ -331,7 +337,7 @@ class Trainer:
             total += loss.item() * images.shape[0]
             count += images.shape[0]
             for i in range(min(images.shape[0], keep_samples - len(samples))):
-                samples.append((images[i].float().cpu().numpy(), masks[i].cpu().numpy(), pred[i].cpu().numpy()))
+                samples.append((raw[i].numpy(), masks[i].cpu().numpy(), pred[i].cpu().numpy()))
         return total / max(count, 1), cm.scores(self.classes), samples
 
     def fit(self) -> TrainResult:
@@ -376,7 +382,7 @@ class Trainer:
             if is_best and samples:
                 from training.evaluation.plots import save_epoch_plots
 
-                save_epoch_plots(self.out_dir, samples, scores.per_class_iou, self.classes, cfg.augment.mean, cfg.augment.std)
+                save_epoch_plots(self.out_dir, samples, scores.per_class_iou, self.classes)
             self._save(is_best)
             self.log(
                 f"epoch {self.epoch}/{cfg.trainer.epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
@@ -24,17 +23,12 @@ def palette(n: int) -> np.ndarray:
     return colours
 
 
-def _denormalise(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    rgb = image.transpose(1, 2, 0) * np.asarray(std) + np.asarray(mean)
-    return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
-
-
-def save_overlays(path: Path, samples, classes: list[str], mean, std) -> None:
-    """One row per sample: image | truth | prediction."""
+def save_overlays(path: Path, samples, classes: list[str]) -> None:
+    """One row per (uint8 C x H x W image, mask, prediction) sample: image | truth | prediction."""
     colours = palette(len(classes))
     fig, axes = plt.subplots(len(samples), 3, figsize=(7.5, 2.5 * len(samples)), squeeze=False)
     for row, (image, mask, pred) in zip(axes, samples):
-        rgb = _denormalise(image, mean, std)
+        rgb = image.transpose(1, 2, 0)
         for ax, panel, title in zip(row, (rgb, colours[mask], colours[pred]), ("image", "truth", "prediction")):
             ax.imshow(panel)
             ax.set_title(title, fontsize=8)
@@ -71,6 +65,6 @@ def save_confusion(path: Path, matrix: np.ndarray, classes: list[str]) -> None:
     plt.close(fig)
 
 
-def save_epoch_plots(out_dir: Path, samples, per_class_iou, classes, mean, std) -> None:
-    save_overlays(out_dir / OVERLAYS, samples, classes, mean, std)
+def save_epoch_plots(out_dir: Path, samples, per_class_iou, classes) -> None:
+    save_overlays(out_dir / OVERLAYS, samples, classes)
     save_per_class_iou(out_dir / PER_CLASS_IOU, per_class_iou)

@@ -229,9 +229,22 @@ class InputSpec:
         return cls(cfg.data.image_size, tuple(aug.mean), tuple(aug.std), json.dumps(aug.eval, sort_keys=True))
 
     def transform(self):
+        """The eval pipeline: uint8 C x H x W tensors (see `model_inputs`)."""
         from training.data.transforms import build_transform
 
-        return build_transform(json.loads(self.eval_augment), self.image_size, self.mean, self.std, train=False)
+        return build_transform(json.loads(self.eval_augment), self.image_size, train=False)
+
+
+def model_inputs(members: Sequence["Member"], inputs: Sequence[torch.Tensor], device) -> list[torch.Tensor]:
+    """The loader's uint8 tensors (one per InputSpec) -> normalised float inputs on `device`, each once."""
+    from training.data.transforms import normalize_images
+
+    prepared: dict[int, torch.Tensor] = {}
+    for m in members:
+        if m.input_index not in prepared:  # members sharing an input share its mean/std (InputSpec)
+            aug = m.cfg.augment
+            prepared[m.input_index] = normalize_images(inputs[m.input_index].to(device), aug.mean, aug.std)
+    return [prepared.get(i, x) for i, x in enumerate(inputs)]
 
 
 class MultiInputTransform:
@@ -312,11 +325,11 @@ def iter_predictions(
 ) -> Iterator[tuple[Any, np.ndarray]]:
     """(image id, uint8 label mask) per image, one batch in memory at a time.
 
-    `loader` yields (inputs, ids) where inputs is a tuple with one tensor per InputSpec
+    `loader` yields (inputs, ids) where inputs is a tuple with one uint8 tensor per InputSpec
     (ImageDataset with a MultiInputTransform, see `assign_inputs`).
     """
     for inputs, ids in loader:
-        inputs = [x.to(device) for x in inputs]
+        inputs = model_inputs(members, inputs, device)
         labels = ensemble_proba(members, inputs, out_size, tta, hard=method == "hard").labels(method)
         for image_id, mask in zip(ids, labels.to(torch.uint8).cpu().numpy()):
             yield (image_id.item() if torch.is_tensor(image_id) else image_id), mask
