@@ -353,3 +353,25 @@ def test_smoke_run_on_sample_data_learns(tmp_path):
     untrained = evaluate_untrained(cfg, data, fold=0)
     assert metrics["best_miou"] > 2 * untrained and metrics["best_miou"] > untrained + 0.15, (untrained, metrics["best_miou"])
     assert (out / LAST).is_file() and (out / BEST).is_file()
+
+
+def test_cli_holdout_validates_on_val_json(tmp_path):
+    """`--fold holdout`: every train.json image trains, val.json's images are the validation set."""
+    root = write_camvid_subset(tmp_path / "camvid", n_train=12)
+    other = write_camvid_subset(tmp_path / "other", n_train=6, stride_seed=1)  # different frames
+    val = json.loads((other / "train.json").read_text())
+    assert not {im["id"] for im in val["images"]} & {im["id"] for im in json.loads((root / "train.json").read_text())["images"]}
+    (root / "val.json").write_text(json.dumps(val))
+    out = tmp_path / "holdout"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [PYTHON, "training/train.py", "--smoke", "--fold", "holdout", "--epochs", "1", "--data", str(root), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "12 train / 6 val images" in proc.stdout + proc.stderr
+    assert json.loads((out / METRICS).read_text())["best_epoch"] == 1
+    (root / "val.json").unlink()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "val.json" in lines[0], proc.stderr[-2000:]
+    bad = subprocess.run(cmd[:3] + ["--fold", "first"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--fold 'first'" in bad.stderr
