@@ -267,8 +267,9 @@ def test_image_size_differs_from_json(camvid_copy):
         (lambda a: a.update(segmentation=[[10, 10, 20, 20, 30, 30]]), "polygon 0 has zero area"),
         (lambda a: a.update(segmentation=[[10, 10, 20, 10]]), "polygon 0 has 4 coordinates"),
         (lambda a: a.update(segmentation="oops"), "must be polygons"),
+        (lambda a: a.update(segmentation=[[600, 400, 700, 400, 700, 500]]), "polygon 0 lies outside the 480x360 image"),
     ],
-    ids=["unknown-image", "unknown-category", "empty", "odd-length", "zero-area", "too-short", "wrong-type"],
+    ids=["unknown-image", "unknown-category", "empty", "odd-length", "zero-area", "too-short", "wrong-type", "outside"],
 )
 def test_bad_annotation(camvid_copy, change, fragment):
     coco = edit_json(camvid_copy, lambda c: change(c["annotations"][4]))
@@ -277,6 +278,21 @@ def test_bad_annotation(camvid_copy, change, fragment):
     assert str(camvid_copy / "train.json") in message
     assert f"annotation id {ann_id}" in message, message
     assert fragment in message, message
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (lambda c: c["annotations"].insert(3, ["not", "an", "object"]), "is not an object"),
+        (lambda c: c["images"][2].update(width="480px"), "'width' must be a positive integer, got '480px'"),
+        (lambda c: c["images"][2].update(height=0), "'height' must be a positive integer, got 0"),
+        (lambda c: c["images"][2].update(file_name=None), "'file_name' must be a non-empty path"),
+    ],
+    ids=["annotation-not-object", "width-not-number", "height-zero", "no-file-name"],
+)
+def test_malformed_entries_are_one_line(camvid_copy, change, fragment):
+    edit_json(camvid_copy, change)
+    assert fragment in data_error(camvid_copy)
 
 
 def test_classes_differ_from_config(camvid_copy):

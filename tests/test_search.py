@@ -399,10 +399,9 @@ def test_resume_after_the_driver_is_killed(tmp_path):
             deadline = time.time() + 400
             while time.time() < deadline and first.poll() is None:
                 if sum(row["status"] in FINISHED for row in read_leaderboard(exp / "leaderboard.csv")) >= 2:
-                    # The callback writes the leaderboard when the trial ends; Tune saves its state
-                    # within 2 s of that (TUNE_GLOBAL_CHECKPOINT_S in tune/runner.py; 10 s by
-                    # default). Killed inside that window, a finished trial would train again.
-                    time.sleep(3.0)
+                    # Killed at once: Tune's own state (saved every 2 s, copied in the background)
+                    # most likely still shows the last of them running; tune/endings.py must
+                    # keep the resume from training it again.
                     break
                 time.sleep(0.2)
             assert first.poll() is None, "the search ended before it could be killed:\n" + tail(first_log)
@@ -417,6 +416,11 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     finished_before = {row["trial_id"]: row for row in before if row["status"] in FINISHED}
     assert len(finished_before) >= 2
     starts_before = {d.name: sum(kind == "start" for _, kind, _ in events(d)) for d in (exp / "tune").glob("trial_*")}
+    # Trials that started and ended between two of Tune's state saves: the resumed Tune never
+    # sees them, tune/endings.py keeps them on the leaderboard (usually none).
+    from ray.tune import ExperimentAnalysis
+
+    unknown_to_tune = set(finished_before) - {t.trial_id for t in ExperimentAnalysis(str(exp / "tune")).trials}
 
     with open(second_log, "w") as out:
         second = subprocess.run(search_cmd("--resume", "--experiment", "resume"), cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=600)
@@ -424,7 +428,7 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     assert second.returncode == 0, tail(second_log)
 
     after = read_leaderboard(exp / "leaderboard.csv")
-    assert len(after) == RESUME_TRIALS and all(row["status"] in FINISHED for row in after), [row["status"] for row in after]
+    assert len(after) == RESUME_TRIALS + len(unknown_to_tune) and all(row["status"] in FINISHED for row in after), [row["status"] for row in after]
     for trial_id, row in finished_before.items():  # finished trials were not trained again
         trial_dir = exp / "tune" / f"trial_{trial_id}"
         assert sum(kind == "start" for _, kind, _ in events(trial_dir)) == starts_before[trial_dir.name]
@@ -437,9 +441,10 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     study = newest_study(exp / "tune")
     assert len(study.trials) == RESUME_TRIALS
     params_of = {json.dumps(t.params, sort_keys=True) for t in study.trials}
-    for trial_dir in (exp / "tune").glob("trial_*"):
-        params = json.loads((trial_dir / "params.json").read_text())
-        assert json.dumps(params, sort_keys=True) in params_of
+    for row in after:
+        if row["trial_id"] not in unknown_to_tune:
+            params = json.loads((exp / "tune" / f"trial_{row['trial_id']}" / "params.json").read_text())
+            assert json.dumps(params, sort_keys=True) in params_of
     assert len(random_draws(study, SMOKE_STARTUP)) <= SMOKE_STARTUP
     assert "fresh random search" not in tail(second_log, 400)
 
@@ -451,6 +456,14 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     parent = state["mlflow"]["parent_run_id"]
     children = client.search_runs([state["mlflow"]["experiment_id"]], f"tags.`mlflow.parentRunId` = '{parent}'")
     assert sorted(run.data.tags["segtune.trial_id"] for run in children) == sorted(row["trial_id"] for row in after)
+    # a trial started just before the kill, unknown to the restored Tune: its run is deleted, marked
+    lost = {d.name.removeprefix("trial_") for d in (exp / "tune").glob("trial_*")} - {row["trial_id"] for row in after}
+    from mlflow.entities import ViewType
+
+    everything = client.search_runs([state["mlflow"]["experiment_id"]], f"tags.`mlflow.parentRunId` = '{parent}'", run_view_type=ViewType.ALL)
+    for run in everything:
+        if run.data.tags["segtune.trial_id"] in lost:
+            assert run.info.lifecycle_stage == "deleted" and run.data.tags["segtune.status"].startswith("lost"), run.data.tags
     for run in children:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "epoch")]
         assert len(steps) == len(set(steps)), run.data.tags["segtune.trial_id"]

@@ -130,6 +130,11 @@ class Tracker:
         runs = self._call(self.client.search_runs, [experiment_id], query, max_results=1, queue=False)
         return runs[0].info.run_id if runs else None
 
+    def child_runs(self, experiment_id: str, parent_run_id: str) -> dict[str, str]:
+        """{run id: segtune.trial_id tag} of the parent's (not deleted) child runs."""
+        runs = self._call(self.client.search_runs, [experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=50_000, queue=False)
+        return {run.info.run_id: run.data.tags.get("segtune.trial_id", "") for run in runs or []}
+
     def start_run(self, experiment_id: str, name: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str | None:
         tags = dict(tags or {})
         if parent_run_id:
@@ -174,3 +179,8 @@ class Tracker:
     def end_run(self, run_id: str | None, status: str = "FINISHED") -> None:
         if run_id:
             self._call(self.client.set_terminated, run_id, status)
+
+    def delete_run(self, run_id: str | None) -> None:
+        """Soft delete: the run leaves searches and the UI's list, and can be restored."""
+        if run_id:
+            self._call(self.client.delete_run, run_id)

@@ -125,10 +125,45 @@ def trial_record(trial: Any, space: SearchSpace, run_id: str | None = None, endi
     )
 
 
-def collect_records(trials: Iterable[Any], space: SearchSpace, run_id_of: Callable[[str], str | None] = lambda _: None) -> list[TrialRecord]:
-    """Records ranked best first by search.metric (trials without a score last)."""
+def ending_record(trial_id: str, ending: dict[str, Any], space: SearchSpace, run_id: str | None = None) -> TrialRecord:
+    """The record of a trial known only from tune/endings.py: it started and ended after the
+    last experiment state Tune saved before its driver was killed, so Tune never sees it again."""
+    result = ending.get("result") or {}
+    best_epoch = result.get("best_epoch")
+    checkpoint = f"{ending['checkpoint'].rstrip('/')}/{BEST}" if ending.get("checkpoint") else None
+    if checkpoint and "://" not in checkpoint and not os.path.isfile(checkpoint):
+        checkpoint = None
+    best_miou = _number(result.get("best_miou"))
+    metric = space.defaults.search.metric
+    return TrialRecord(
+        trial_id=trial_id,
+        status=ending["status"],
+        best_val_miou=best_miou,
+        best_epoch=int(best_epoch) if best_epoch else None,
+        epochs_trained=int(result.get("epoch", 0) or 0),
+        params=trial_params(space, ending.get("config") or {}),
+        checkpoint=checkpoint,
+        mlflow_run_id=run_id,
+        node_id=result.get("node_id"),
+        failures=int(ending.get("failures", 0)),
+        metric_value=best_miou if metric in ("val_miou", "best_miou") else _number(result.get(metric)),
+    )
+
+
+def collect_records(
+    trials: Iterable[Any],
+    space: SearchSpace,
+    run_id_of: Callable[[str], str | None] = lambda _: None,
+    endings: dict[str, dict[str, Any]] | None = None,
+) -> list[TrialRecord]:
+    """Records ranked best first by search.metric (trials without a score last).
+
+    `endings` (tune/endings.py) adds the ended trials that Tune's restored state lacks.
+    """
     sign = -1.0 if space.defaults.search.mode == "max" else 1.0
     records = [trial_record(t, space, run_id_of(t.trial_id)) for t in trials]
+    known = {r.trial_id for r in records}
+    records += [ending_record(k, e, space, run_id_of(k)) for k, e in (endings or {}).items() if k not in known]
     return sorted(records, key=lambda r: (r.metric_value is None, sign * (r.metric_value or 0.0), r.trial_id))
 
 

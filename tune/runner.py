@@ -6,6 +6,7 @@ before Ray starts. Outputs:
   results/<experiment>/leaderboard.csv     one row per trial, best first (rewritten as trials end)
   results/<experiment>/best_configs.yaml   the top search.top_k configs: the k-fold stage's input
   results/<experiment>/search_state.json   what `--resume` needs (paths, MLflow ids, sessions)
+  results/<experiment>/trial_endings.json  how each trial ended, as Tune ended it (tune/endings.py)
   results/<experiment>/tune/               Tune's experiment dir (checkpoints) unless SEGTUNE_STORAGE
 
 The results root is $SEGTUNE_RESULTS (default <repo>/results). On a cluster, set
@@ -140,19 +141,25 @@ def start_ray(address: str | None, num_cpus: int | None = None, temp_dir: str | 
     return True
 
 
-def _trial_resources(space: SearchSpace, log: Callable) -> dict[str, float]:
-    """Per-trial resources, checked against the cluster: a trial that can never be placed hangs Tune."""
+def _trial_resources(space: SearchSpace, local: bool, log: Callable) -> dict[str, float]:
+    """Per-trial resources. On a local Ray they are checked against this machine (a trial that
+    can never be placed hangs Tune; no GPU means CPU trials). A joined cluster may autoscale:
+    its nodes right after `ray up` are only the head, so the request stands as written."""
     import ray
 
     res = space.defaults.search.resources
     cluster = ray.cluster_resources()
     nodes_cpu = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    if not local:
+        if (res.gpu and not cluster.get("GPU")) or (nodes_cpu and res.cpu > max(nodes_cpu)):
+            log(f"note: no Ray node has {res.cpu:g} CPU + {res.gpu:g} GPU free yet; trials wait for the autoscaler to add workers")
+        return {"cpu": res.cpu, "gpu": res.gpu}
     gpu = res.gpu
     if gpu and not cluster.get("GPU"):
-        log(f"WARNING search.resources.gpu={gpu} but the Ray cluster has no GPU: trials run on CPU")
+        log(f"WARNING search.resources.gpu={gpu} but this machine has no GPU Ray can use: trials run on CPU")
         gpu = 0.0
     if nodes_cpu and res.cpu > max(nodes_cpu):
-        raise ConfigError(f"{space.source}: search.resources.cpu: {res.cpu} CPUs per trial but the largest Ray node has {max(nodes_cpu):g}")
+        raise ConfigError(f"{space.source}: search.resources.cpu: {res.cpu} CPUs per trial but this machine gives Ray {max(nodes_cpu):g}")
     return {"cpu": res.cpu, "gpu": gpu}
 
 
@@ -178,7 +185,8 @@ def _progress_reporter(space: SearchSpace):
 def _new_tuner(space: SearchSpace, trainable: Any, storage_path: str, name: str, state_file: Path):
     from ray import tune
 
-    from tune.space import build_scheduler, build_search_alg, param_space
+    from tune.endings import TrialEndings
+    from tune.space import build_scheduler, build_search_alg, param_space, trial_budget
     from tune.tracking import MlflowSearchCallback
 
     search = space.defaults.search
@@ -198,7 +206,8 @@ def _new_tuner(space: SearchSpace, trainable: Any, storage_path: str, name: str,
         run_config=tune.RunConfig(
             name=name,
             storage_path=storage_path,
-            callbacks=[MlflowSearchCallback(state_file, space)],
+            # TrialEndings first: a trial's end is on disk before the leaderboard shows it.
+            callbacks=[TrialEndings(state_file.parent, trial_budget(space.defaults)), MlflowSearchCallback(state_file, space)],
             failure_config=tune.FailureConfig(max_failures=search.max_failures),
             # The latest checkpoint holds last.pt (resume) and best.pt (the best epoch so far).
             # Two are kept: a driver killed between deleting the older one and saving the
@@ -348,8 +357,14 @@ def run_search(opts: SearchOptions, log: Callable[[str], None] = print) -> Searc
     experiment_id, parent_run_id = _open_parent_run(tracker, experiment, space, smoke, results_dir, state, log)
     storage_path, tune_name = _tune_location(state, experiment, results_dir)
     tune_path = f"{storage_path.rstrip('/')}/{tune_name}"
+    ended: dict[str, dict] = {}  # trials that ended in an earlier session (tune/endings.py)
     if opts.resume:
+        from tune.endings import read_endings
+
         _check_tune_state(tune_path)
+        ended = read_endings(results_dir)
+        if opts.retry_errored:
+            ended = {k: v for k, v in ended.items() if not v["status"].startswith("error")}
     trials_before = len(_restored_trials(tune_path)) if opts.resume else 0
     new_state = {
         "experiment": experiment,
@@ -376,16 +391,18 @@ def run_search(opts: SearchOptions, log: Callable[[str], None] = print) -> Searc
         # num_to_keep snapshots the experiment state at every checkpoint, on purpose (resume
         # loses at most the running epoch); Tune warns about that each time.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-        # Tune saves its experiment state (trial statuses) at most every 10 s by default, so a
-        # driver killed up to 10 s after a trial ended would resume that trial and train its
-        # last epochs again. Every 2 s narrows that window; saving at every controller step
-        # (10 Hz) would cost ~7% of a core and, at ~40 KB of state per trial, megabytes a second.
+        # Tune saves its experiment state (trial statuses, which checkpoint is the latest) at
+        # most every 10 s by default; a resume continues running trials from the checkpoint that
+        # state names, so a driver killed up to 10 s after a save retrains those epochs. Every
+        # 2 s narrows that; saving at every controller step (10 Hz) would cost ~7% of a core
+        # and, at ~40 KB of state per trial, megabytes a second. Trials that had *ended* are
+        # never retrained whatever the timing: see tune/endings.py.
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
         from ray import tune
 
         from tune.trainable import train_trial
 
-        trainable = tune.with_resources(tune.with_parameters(train_trial, space=space, data=data), _trial_resources(space, log))
+        trainable = tune.with_resources(tune.with_parameters(train_trial, space=space, data=data, ended=ended), _trial_resources(space, we_started_ray, log))
         if opts.resume:
             log(f"resuming {experiment} from {tune_path} ({trials_before} trials so far; errored trials {'retried' if opts.retry_errored else 'kept'})")
             tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=opts.retry_errored, restart_errored=False)
@@ -422,18 +439,42 @@ def run_search(opts: SearchOptions, log: Callable[[str], None] = print) -> Searc
     return outcome
 
 
+def _retire_lost_runs(tracker: Tracker, outcome: SearchOutcome, trial_ids: set[str], log: Callable) -> None:
+    """Delete the child runs of trials the search no longer has.
+
+    A trial that started less than one Tune state save before its driver was killed is
+    unknown to the restored search: the searcher draws a new trial in its place, and the
+    old one's partial epochs are gone. Its MLflow run is marked and soft-deleted (restorable
+    from the UI's deleted runs), so MLflow's children and the leaderboard list the same trials.
+    """
+    from tune.tracking import STATUS_TAG, TRIAL_TAG
+
+    runs = tracker.child_runs(outcome.mlflow_experiment_id, outcome.parent_run_id)
+    lost = {run_id: trial_id for run_id, trial_id in runs.items() if trial_id not in trial_ids}
+    for run_id in lost:
+        tracker.set_tags(run_id, {STATUS_TAG: "lost: started just before the driver was killed, unknown to the resumed search"})
+        tracker.end_run(run_id, "KILLED")
+        tracker.delete_run(run_id)
+    if lost:
+        log(f"mlflow: deleted {len(lost)} child run(s) of trials lost with the killed driver ({', '.join(sorted(lost.values()))}); Tune ran new trials instead")
+
+
 def _write_results(outcome: SearchOutcome, space: SearchSpace, tracker: Tracker, state: dict[str, Any], smoke: bool, log: Callable) -> None:
     """Leaderboard, best configs (finished searches only), the parent run, a summary; updates `state`."""
+    from tune.endings import read_endings
     from tune.results import BEST_CONFIGS, best_configs_document, collect_records, summary_table, write_leaderboard, write_yaml
     from tune.tracking import TRIAL_TAG
 
     cfg = space.defaults
     trials = _restored_trials(outcome.tune_path)
+    endings = read_endings(outcome.results_dir)
+    trial_ids = {t.trial_id for t in trials} | set(endings)
     run_ids = {}
     if outcome.mlflow_experiment_id:
-        for t in trials:
-            run_ids[t.trial_id] = tracker.find_run(outcome.mlflow_experiment_id, {TRIAL_TAG: t.trial_id, "mlflow.parentRunId": outcome.parent_run_id})
-    records = collect_records(trials, space, run_ids.get)
+        for trial_id in trial_ids:
+            run_ids[trial_id] = tracker.find_run(outcome.mlflow_experiment_id, {TRIAL_TAG: trial_id, "mlflow.parentRunId": outcome.parent_run_id})
+        _retire_lost_runs(tracker, outcome, trial_ids, log)
+    records = collect_records(trials, space, run_ids.get, endings)
     budget_hit = cfg.search.time_budget_s is not None and outcome.fit_seconds >= cfg.search.time_budget_s
     interrupted = any(r.status == "unfinished" for r in records) or (len(records) < cfg.search.num_samples and not budget_hit)
     write_leaderboard(records, outcome.leaderboard)

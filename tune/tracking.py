@@ -24,6 +24,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from training.config import SearchSpace
 from training.tracking import Tracker
+from tune.endings import read_endings
 from tune.results import LEADERBOARD, collect_records, trial_record, write_leaderboard
 from tune.space import trial_params
 
@@ -180,7 +181,8 @@ class MlflowSearchCallback(Callback):
                 self.tracker.log_artifact(run, Path(record.checkpoint).parent / name)
         # An ASHA stop is a normal outcome (FINISHED); the status tag tells it from a completed trial.
         self.tracker.end_run(run, "FAILED" if record.status.startswith("error") else "FINISHED")
-        records = [record if r.trial_id == trial.trial_id else r for r in collect_records(trials, self.space, self.run_ids.get)]
+        everyone = collect_records(trials, self.space, self.run_id, read_endings(self.results_dir))
+        records = [record if r.trial_id == trial.trial_id else r for r in everyone]
         write_leaderboard(records, self.results_dir / LEADERBOARD)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:

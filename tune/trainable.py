@@ -26,6 +26,7 @@ from ray.tune import Checkpoint, get_checkpoint, get_context, report
 from training.config import SearchSpace
 from training.data.dataset import PreparedData
 from training.engine.trainer import LAST, METRICS, EpochResult, train
+from tune.endings import replay_ending
 from tune.space import trial_params
 
 # One line per trial start and epoch, kept in the trial's checkpoint directory: it travels with
@@ -44,10 +45,16 @@ def _device() -> str:
     return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
 
-def train_trial(config: dict[str, Any], space: SearchSpace, data: PreparedData) -> None:
-    """Function trainable: `config` holds the sampled {dotted path: value}."""
+def train_trial(config: dict[str, Any], space: SearchSpace, data: PreparedData, ended: dict[str, dict] | None = None) -> None:
+    """Function trainable: `config` holds the sampled {dotted path: value}.
+
+    `ended`: on resume, the trials that had ended before the driver restarted (tune/endings.py).
+    """
     ctx = get_context()
     trial_id = ctx.get_trial_id()
+    if ended and trial_id in ended:
+        replay_ending(trial_id, ended[trial_id], log=lambda line: print(line, flush=True))
+        return
     cpus = ctx.get_trial_resources().required_resources.get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
     cfg = space.resolve(trial_params(space, config))

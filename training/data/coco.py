@@ -134,13 +134,23 @@ def load_coco(
         for key in ("file_name", "width", "height"):
             if key not in img:
                 raise DataError(f"{src}: image id {image_id}: missing '{key}'")
+        if not isinstance(img["file_name"], str) or not img["file_name"]:
+            raise DataError(f"{src}: image id {image_id}: 'file_name' must be a non-empty path, got {img['file_name']!r}")
+        for key in ("width", "height"):
+            if isinstance(img[key], bool) or not isinstance(img[key], (int, float)) or img[key] < 1 or img[key] != int(img[key]):
+                raise DataError(f"{src}: image id {image_id}: '{key}' must be a positive integer, got {img[key]!r}")
         extra = {k: v for k, v in img.items() if k not in ("id", "file_name", "width", "height")}
         images.append(ImageRecord(image_id, img["file_name"], int(img["width"]), int(img["height"]), extra))
     images.sort(key=lambda r: r.id)
     by_id = {r.id: r for r in images}
 
     anns_by_image: dict[int, list[dict[str, Any]]] = {}
-    for ann in coco.get("annotations") or []:
+    annotations = coco.get("annotations") or []
+    if not isinstance(annotations, list):
+        raise DataError(f"{src}: 'annotations' must be a list")
+    for ann in annotations:
+        if not isinstance(ann, dict):
+            raise DataError(f"{src}: annotation {str(ann)[:80]!r} is not an object")
         ann_id = ann.get("id", "?")
         if ann.get("image_id") not in by_id:
             raise DataError(f"{src}: annotation id {ann_id}: image_id {ann.get('image_id')!r} is not in images")
@@ -170,6 +180,11 @@ def _check_segmentation(seg: Any, img: ImageRecord, where: str) -> None:
             area = 0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1)))
             if area <= 0:
                 raise DataError(f"{where}: polygon {k} has zero area")
+            if xs.max() <= 0 or ys.max() <= 0 or xs.min() >= img.width or ys.min() >= img.height:
+                raise DataError(
+                    f"{where}: polygon {k} lies outside the {img.width}x{img.height} image "
+                    f"(x {xs.min():g}..{xs.max():g}, y {ys.min():g}..{ys.max():g})"
+                )
     elif isinstance(seg, dict):
         size = seg.get("size")
         if "counts" not in seg or not isinstance(size, list) or len(size) != 2:
