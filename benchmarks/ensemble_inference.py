@@ -1,10 +1,10 @@
 """Ensemble inference throughput: a 5-fold x 1-config ensemble, with and without TTA.
 
-    python benchmarks/ensemble_inference.py [--size 256] [--encoder mobilenet_v2] [--images 32] [--json]
+    python benchmarks/ensemble_inference.py [--size 256] [--encoder mobilenet_v2] [--images 16] [--repeats 3] [--json]
 
 Runs the same code path as the submission (predict.iter_predictions: every member's
-TTA probabilities at 256x256, soft vote, argmax) on CUDA when available (AMP as the trainer
-uses it), else CPU. Weights are random: throughput does not depend on them. Pass
+TTA probabilities at its input size, soft vote, argmax, the label mask resized nearest to
+256x256) on CUDA when available (AMP as the trainer uses it), else CPU. Weights are random: throughput does not depend on them. Pass
 --checkpoints 'results/<exp>/kfold/1/fold*/best.pt' to time real trained members instead.
 """
 
@@ -14,6 +14,7 @@ import argparse
 import glob
 import json
 import platform
+import statistics
 import sys
 import time
 
@@ -36,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--folds", type=int, default=5, help="ensemble members (one config x this many folds)")
     p.add_argument("--images", type=int, default=16, help="images timed per setting")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3, help="timed passes per setting; the median is reported")
     p.add_argument("--tta", default=";".join(TTA_SETTINGS), help="';'-separated TTA settings to time")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--checkpoints", help="glob of best.pt files to use instead of random members")
@@ -60,16 +62,20 @@ def members_for(args, device: torch.device) -> list[Member]:
     return out
 
 
-def time_setting(members, images: torch.Tensor, batch: int, tta: TTA, device: torch.device) -> float:
+def time_setting(members, images: torch.Tensor, batch: int, tta: TTA, device: torch.device, repeats: int) -> list[float]:
+    """img/s of each of `repeats` passes over `images`, after one warm-up batch."""
     loader = [((images[i : i + batch],), list(range(i, min(i + batch, len(images))))) for i in range(0, len(images), batch)]
     list(iter_predictions(members, loader[:1], (SUBMISSION_SIZE, SUBMISSION_SIZE), tta, "soft", device))  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    n = sum(1 for _ in iter_predictions(members, loader, (SUBMISSION_SIZE, SUBMISSION_SIZE), tta, "soft", device))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return n / (time.perf_counter() - start)
+    rates = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        n = sum(1 for _ in iter_predictions(members, loader, (SUBMISSION_SIZE, SUBMISSION_SIZE), tta, "soft", device))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(n / (time.perf_counter() - start))
+    return rates
 
 
 def main(argv=None) -> int:
@@ -81,8 +87,10 @@ def main(argv=None) -> int:
     results = []
     for spec in args.tta.split(";"):
         tta = TTA.parse(spec)
-        ips = time_setting(members, images, args.batch, tta, device)
+        rates = time_setting(members, images, args.batch, tta, device, max(1, args.repeats))
+        ips = statistics.median(rates)
         results.append({"tta": tta.name, "views": len(tta.views()), "img_per_s": round(ips, 2),
+                        "img_per_s_runs": [round(r, 2) for r in rates],
                         "forward_passes_per_s": round(ips * len(tta.views()) * len(members), 1)})
     report = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})",

@@ -120,6 +120,23 @@ def test_node_types_head_cpu_only_workers_gpu_spot():
     assert cfg["provider"].get("cache_stopped_nodes") is False
 
 
+@pytest.mark.parametrize("space", sorted(p.name for p in (REPO / "search_spaces").glob("*.yaml")))
+def test_trial_resources_fill_every_gpu_worker_type(space):
+    """search.resources packs whole trials onto each GPU worker type with no GPU share left idle
+    for lack of CPUs (e.g. {cpu: 4, gpu: 0.5} on a 4-vCPU 1-GPU node runs one trial, not two)."""
+    res = yaml.safe_load((REPO / "search_spaces" / space).read_text())["search"]["resources"]
+    cpu, gpu = float(res["cpu"]), float(res["gpu"])
+    assert gpu > 0, f"{space}: search.resources.gpu is {gpu}; the cluster's workers are GPU nodes"
+    for name, w in worker_types(load_cluster_yaml()).items():
+        node_cpu, node_gpu = w["resources"]["CPU"], w["resources"]["GPU"]
+        by_gpu, by_cpu = int(node_gpu / gpu + 1e-9), int(node_cpu / cpu + 1e-9)
+        assert by_gpu >= 1, f"{space}: a trial needs {gpu} GPU, {name} has {node_gpu}"
+        assert by_cpu >= by_gpu, (
+            f"{space}: {name} ({node_cpu:g} CPU, {node_gpu:g} GPU) fits {by_gpu} trials by GPU but only "
+            f"{by_cpu} by CPU at search.resources {{cpu: {cpu:g}, gpu: {gpu:g}}}: GPU shares would idle"
+        )
+
+
 def test_every_node_type_pins_a_gpu_driver_ami():
     """Without ImageId Ray falls back to an Ubuntu 18.04 DLAMI whose driver cannot run
     the CUDA 13 torch wheels from requirements.txt."""
@@ -226,8 +243,13 @@ def test_files_referenced_by_commands_and_docs_exist():
 
 
 class Invocation:
-    def __init__(self, script: str, flags: list[str], line: str):
-        self.script, self.flags, self.line = script, flags, line
+    def __init__(self, script: str, args: list[tuple[str, str | None]], line: str):
+        self.script, self.args, self.line = script, args, line
+        self.flags = [flag for flag, _ in args]
+
+    def key(self) -> tuple[str, tuple[tuple[str, str | None], ...]]:
+        """Script and its (flag, value) pairs, order-free: what "the same command" means here."""
+        return self.script, tuple(sorted(self.args, key=lambda a: (a[0], a[1] or "")))
 
     def __repr__(self) -> str:
         return f"Invocation({self.line!r})"
@@ -246,8 +268,14 @@ def invocations(text: str) -> list[Invocation]:
         if not m or Path(m.group(1)).name not in {Path(s).name for s in PROJECT_SCRIPTS}:
             continue
         rest = _SHELL_STOP.split(m.group(2), maxsplit=1)[0]
-        flags = [tok.split("=", 1)[0] for tok in rest.split() if tok.startswith("--")]
-        found.append(Invocation(m.group(1), flags, line.strip()))
+        args: list[tuple[str, str | None]] = []
+        for tok in rest.split():
+            if tok.startswith("--"):
+                flag, eq, value = tok.partition("=")
+                args.append((flag, value if eq else None))
+            elif args and args[-1][1] is None:
+                args[-1] = (args[-1][0], tok)  # the value of the flag before it
+        found.append(Invocation(m.group(1), args, line.strip()))
     return found
 
 
@@ -268,35 +296,70 @@ def help_flags(script: str) -> frozenset[str]:
     return frozenset(re.findall(r"--[A-Za-z0-9][\w-]*", proc.stdout))
 
 
-def readme_invocations() -> list[Invocation]:
+def markdown_section(markdown: str, heading: str) -> str:
+    """The text under `## heading` up to the next `## ` heading ("" when there is none)."""
+    m = re.search(rf"^## {re.escape(heading)}[ \t]*\n(.*?)(?=^## |\Z)", markdown, flags=re.M | re.S)
+    return m.group(1) if m else ""
+
+
+_CLUSTER_HEAD_BLOCK = re.compile(r"as they run on a cluster head[^\n]*\n+(```[^\n]*\n.*?^```)", re.M | re.S)
+
+
+def readme_cluster_text() -> str:
+    """The README's cluster commands: its "## Cluster" section and the block of commands
+    "as they run on a cluster head"."""
     if not README.is_file():
         pytest.fail("README.md does not exist yet; docs/cluster.md must match its commands")
-    return invocations(code_blocks(README.read_text()))
+    text = README.read_text()
+    section = markdown_section(text, "Cluster")
+    assert section, "README.md has no `## Cluster` section"
+    head_block = _CLUSTER_HEAD_BLOCK.search(text)
+    return code_blocks(section) + "\n" + (code_blocks(head_block.group(1)) if head_block else "")
+
+
+def readme_invocations() -> list[Invocation]:
+    return invocations(readme_cluster_text())
 
 
 def test_cluster_doc_runs_the_readme_commands():
+    """Every `python tune/search.py|training/final_kfold.py ...` that docs/cluster.md or
+    cluster.yaml runs is a README cluster command: same script, same flags, same values."""
     assert CLUSTER_DOC.is_file(), "docs/cluster.md is missing"
     readme = readme_invocations()
     doc = invocations(CLUSTER_DOC.read_text()) + invocations("\n".join(all_commands(load_cluster_yaml())))
     for script in PROJECT_SCRIPTS:
         assert any(i.script == script for i in readme), (
-            f"README.md shows no `python {script} ...` command in a code block"
+            f"README.md's cluster commands show no `python {script} ...` in a code block"
         )
         assert any(i.script == script for i in doc), f"docs/cluster.md never runs `python {script}`"
 
-    readme_scripts = {i.script for i in readme}
-    readme_flags: dict[str, set[str]] = {}
-    for inv in readme:
-        readme_flags.setdefault(inv.script, set()).update(inv.flags)
-
+    readme_keys = {i.key() for i in readme}
     for inv in doc:
-        assert inv.script in readme_scripts, (
-            f"docs/cluster.md runs {inv.script!r}, README.md runs {sorted(readme_scripts)}: {inv.line}"
+        assert inv.key() in readme_keys, (
+            f"docs/cluster.md runs a command that is not one of README.md's cluster commands:\n"
+            f"  {inv.line}\nREADME.md has:\n  " + "\n  ".join(i.line for i in readme if i.script == inv.script)
         )
-        unknown = set(inv.flags) - readme_flags[inv.script] - help_flags(inv.script)
-        assert not unknown, (
-            f"{inv.script} has no flag(s) {sorted(unknown)} (not in README.md, not in --help): {inv.line}"
-        )
+    for inv in readme + doc:
+        unknown = set(inv.flags) - help_flags(inv.script)
+        assert not unknown, f"`python {inv.script} --help` has no flag(s) {sorted(unknown)}: {inv.line}"
+
+
+def test_readme_cluster_section_matches_cluster_yaml():
+    """The tunnels and the tracking URI in the README are the ports cluster.yaml binds."""
+    section = markdown_section(README.read_text(), "Cluster")
+    assert section, "README.md has no `## Cluster` section"
+    cfg = load_cluster_yaml()
+    cmds = " ".join(all_commands(cfg))
+    mlflow_port = re.search(r"\bmlflow server\b.*?--port[ =](\d+)", cmds).group(1)
+    dashboard_port = (re.search(r"--dashboard-port[ =](\d+)", cmds) or [None, "8265"])[1]
+    tracking_uri = re.search(r"MLFLOW_TRACKING_URI=(\S+?)['\"]?(?:\s|$)", " ".join(cfg["head_setup_commands"])).group(1)
+    block = code_blocks(section)
+    for must in ("ray up cluster.yaml", "ray dashboard cluster.yaml", f"ray attach cluster.yaml -p {mlflow_port}",
+                 f"--address http://127.0.0.1:{dashboard_port}", f'"MLFLOW_TRACKING_URI": "{tracking_uri}"'):
+        assert must in block, f"README.md's Cluster commands lack {must!r} (cluster.yaml: MLflow :{mlflow_port}, {tracking_uri})"
+    assert "ray job submit" in block and "docs/cluster.md" in section
+    for word in ("setup_commands", "GCP", "Azure", "KubeRay"):
+        assert word in section, f"README.md's Cluster section does not mention {word}"
 
 
 def test_invocation_parser():
@@ -306,11 +369,21 @@ def test_invocation_parser():
         "ray job submit --working-dir . -- python training/final_kfold.py \\\n  --data /data/trash\n"
         "python other.py --x\n"
     )
-    got = [(i.script, i.flags) for i in invocations(text)]
+    got = [(i.script, i.args) for i in invocations(text)]
     assert got == [
-        ("tune/search.py", ["--space", "--data", "--address"]),
-        ("training/final_kfold.py", ["--data"]),
+        ("tune/search.py", [("--space", "deeplab"), ("--data", "/data/trash"), ("--address", "auto")]),
+        ("training/final_kfold.py", [("--data", "/data/trash")]),
     ]
+    a, b = invocations("python tune/search.py --address auto --space deeplab\npython tune/search.py --space=deeplab --address auto")
+    assert a.key() == b.key()  # order and `=` do not matter
+    c, d = invocations("python tune/search.py --space deeplab --smoke\npython tune/search.py --space unet --smoke")
+    assert c.key() != d.key() and c.args[-1] == ("--smoke", None)
+
+
+def test_markdown_section():
+    text = "# t\n## MLflow\nm\n## Cluster\nc1\n```bash\nray up cluster.yaml\n```\n## Measured figures\nx\n"
+    assert markdown_section(text, "Cluster") == "c1\n```bash\nray up cluster.yaml\n```\n"
+    assert markdown_section(text, "Clusters") == ""
 
 
 # ---------------------------------------------------------- 4. invalid configs fail
@@ -356,27 +429,78 @@ def test_head_node_type_must_exist(offline):
 
 # ------------------------------------------------------- 5. no secrets, loopback binds
 
-_SECRET_PATTERNS = {
-    "AWS key field": re.compile(r"aws_(access_key_id|secret_access_key|session_token)", re.I),
-    "private key": re.compile(r"BEGIN RSA|-----BEGIN [A-Z ]*PRIVATE KEY"),
+# Checked in every git-tracked text file.
+_REPO_SECRET_PATTERNS = {
     "AWS access key id": re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),
+    "AWS key field with a value": re.compile(
+        r"aws_(access_key_id|secret_access_key|session_token)['\"]?\s*[:=]\s*['\"]?[A-Za-z0-9/+=]{16,}", re.I
+    ),
+    "private key": re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"),
+    "credentials in a URI": re.compile(r"://[^/\s:@'\"<]+:(?![$<{*])[^/\s@'\"<]+@"),
+}
+# cluster.yaml and docs/cluster.md: also no AWS key fields at all and no literal passwords/tokens.
+_SECRET_PATTERNS = {
+    **_REPO_SECRET_PATTERNS,
+    "AWS key field": re.compile(r"aws_(access_key_id|secret_access_key|session_token)", re.I),
     "literal password/secret/token": re.compile(
         r"\b[\w-]*(password|passwd|secret|token)[\w-]*\s*[:=]\s*['\"]?(?![$<{'\"\s])\S+", re.I
     ),
-    "credentials in a URI": re.compile(r"://[^/\s:@'\"<]+:[^/\s@'\"<]+@"),
 }
+
+
+def secret_hits(text: str, patterns: dict[str, re.Pattern]) -> list[str]:
+    return [f"{name}: {m.group(0)!r}" for name, pattern in patterns.items() for m in pattern.finditer(text)]
+
+
+def tracked_text_files() -> list[Path]:
+    """Every file `git ls-files` lists that is text (no NUL byte, UTF-8)."""
+    proc = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"`git ls-files` failed in {REPO}: {proc.stderr.strip()}")
+    files = []
+    for name in filter(None, proc.stdout.split("\0")):
+        path = REPO / name
+        if not path.is_file():  # deleted in the working tree, not yet in the index
+            continue
+        data = path.read_bytes()
+        if b"\0" in data[:8192]:
+            continue
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        files.append(path)
+    return files
 
 
 @pytest.mark.parametrize("path", [CLUSTER_YAML, CLUSTER_DOC], ids=lambda p: p.name)
 def test_no_secrets(path):
     assert path.is_file(), f"{path} is missing"
-    text = path.read_text()
-    hits = [
-        f"{name}: {m.group(0)!r}"
-        for name, pattern in _SECRET_PATTERNS.items()
-        for m in pattern.finditer(text)
-    ]
+    hits = secret_hits(path.read_text(), _SECRET_PATTERNS)
     assert not hits, f"{path.name} looks like it contains credentials: {hits}"
+
+
+def test_no_secrets_in_any_tracked_file():
+    files = tracked_text_files()
+    assert CLUSTER_YAML in files and Path(__file__).resolve() in files, "git ls-files misses the repo's own files"
+    hits = {str(p.relative_to(REPO)): h for p in files if (h := secret_hits(p.read_text("utf-8"), _REPO_SECRET_PATTERNS))}
+    assert not hits, f"tracked files look like they contain credentials: {hits}"
+
+
+def test_secret_patterns_catch_credentials():
+    """The scanners find what they are for (built here so this file holds no such strings)."""
+    key_id = "AKIA" + "Q" * 16
+    samples = {
+        "AWS access key id": f"aws configure set aws_access_key_id {key_id}",
+        "AWS key field with a value": "aws_secret_access_key = " + "a1B2/c3D4+e5F6g7H8i9" * 2,
+        "private key": "-----BEGIN " + "OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXk=",
+        "credentials in a URI": "--backend-store-uri postgresql://mlflow:" + "hunter2" + "@db:5432/mlflow",
+    }
+    for name, text in samples.items():
+        assert any(h.startswith(name + ":") for h in secret_hits(text, _REPO_SECRET_PATTERNS)), (name, text)
+    harmless = ("postgresql://mlflow@<rds-host>:5432/mlflow with the password in ~/.pgpass; "
+                "postgresql://mlflow:${PGPASSWORD}@db/mlflow; aws_access_key_id comes from aws configure")
+    assert not secret_hits(harmless, _REPO_SECRET_PATTERNS), secret_hits(harmless, _REPO_SECRET_PATTERNS)
 
 
 def test_no_key_names_or_private_keys_in_config():

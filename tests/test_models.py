@@ -173,6 +173,37 @@ def test_weights_that_do_not_fit(tmp_path):
         build_model(ModelConfig(arch="Unet", encoder="resnet18", encoder_weights=str(tmp_path / "none.pth")), 3)
 
 
+@pytest.mark.parametrize("encoder", ["tu-resnet18", "tu-mobilenetv3_small_050"])  # timm loads the second non-strictly itself
+def test_timm_weights_that_do_not_fit(tmp_path, encoder):
+    state = seeded_encoder_state(encoder, seed=7)
+    build = lambda path: build_model(ModelConfig(arch="Unet", encoder=encoder, encoder_weights=str(path)), 3)
+    keys = list(state)
+    torch.save({k: state[k] for k in keys[: len(keys) // 2]}, tmp_path / "partial.pth")
+    with pytest.raises(WeightsNotFoundError, match=rf"partial.pth does not fit encoder '{encoder}': \d+ missing keys") as info:
+        build(tmp_path / "partial.pth")
+    assert "\n" not in str(info.value)
+    # a deeper variant of the model: every key fits, but the file holds more than the encoder
+    torch.save(state | {"blocks.9.0.conv.weight": torch.zeros(8, 8, 1, 1), "layer5.0.conv1.weight": torch.zeros(8, 8, 1, 1)}, tmp_path / "deeper.pth")
+    with pytest.raises(WeightsNotFoundError, match=r"deeper.pth does not fit encoder .*: 2 unexpected keys"):
+        build(tmp_path / "deeper.pth")
+    # the file as it is still loads completely: the checks above do not refuse good files
+    save_file(state, tmp_path / "full.safetensors")
+    assert_encoder_equals(build(tmp_path / "full.safetensors"), state, "model.")
+
+
+def test_timm_weights_of_another_model(tmp_path):
+    build = lambda encoder, path: build_model(ModelConfig(arch="Unet", encoder=encoder, encoder_weights=str(path)), 3)
+    torch.save(seeded_encoder_state("tu-resnet34", seed=8), tmp_path / "r34.pth")
+    # resnet18's keys are a subset of resnet34's: only the extra blocks tell them apart
+    with pytest.raises(WeightsNotFoundError, match=r"r34.pth does not fit encoder 'tu-resnet18': \d+ unexpected keys \(e.g. \['layer1.2."):
+        build("tu-resnet18", tmp_path / "r34.pth")
+    torch.save(seeded_encoder_state("tu-resnet18", seed=8), tmp_path / "r18.pth")
+    with pytest.raises(WeightsNotFoundError, match=r"r18.pth does not fit encoder 'tu-resnet34': \d+ missing keys"):
+        build("tu-resnet34", tmp_path / "r18.pth")
+    with pytest.raises(WeightsNotFoundError, match=r"r18.pth does not fit encoder 'tu-mobilenetv3_small_050': size mismatch for"):
+        build("tu-mobilenetv3_small_050", tmp_path / "r18.pth")
+
+
 class NotATensor:
     pass
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -162,6 +163,14 @@ def test_mlflow_ui_shows_child_runs_and_their_val_miou(served_search):
             page.wait_for_timeout(1500)
             page.screenshot(path=str(SCREENSHOT_DIR / "mlflow_compare.png"))
             compare_text = page.inner_text("body")
+            # What the plot drew from the runs' data: plotly's val_miou axis (its title is the
+            # metric picked above) and the range it spans, printed at the axis ends.
+            axis = page.locator(".js-plotly-plot g.y-axis").filter(
+                has=page.locator("text.axis-title", has_text=re.compile(r"^val_miou$"))
+            )
+            assert axis.count() == 1, f"no val_miou axis in the parallel-coordinates plot: {compare_text[:2000]}"
+            plotted_range = (axis.locator("text.axis-extent-top-text").text_content(),
+                             axis.locator("text.axis-extent-bottom-text").text_content())
             # Each child run's page lists its metrics with their full values.
             run_pages = {}
             for run in runs:
@@ -170,7 +179,11 @@ def test_mlflow_ui_shows_child_runs_and_their_val_miou(served_search):
                 run_pages[run.info.run_id] = page.inner_text("body")
         finally:
             browser.close()
-    assert "val_miou" in compare_text and "Parallel Coordinates Plot" in compare_text
+    assert "Parallel Coordinates Plot" in compare_text
+    # The axis spans the child runs' val_miou (latest value of each, as MLflow plots it), in the
+    # plot's 5-decimal format (the runs with the highest and lowest value must be on it).
+    values = [run.data.metrics["val_miou"] for run in runs]
+    assert plotted_range == (f"{max(values):.5f}", f"{min(values):.5f}"), (plotted_range, values)
     for run in runs:
         assert run.info.run_name in compare_text
         value = run.data.metrics["val_miou"]  # the latest epoch's val mIoU, as the UI shows it

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -20,9 +21,10 @@ from training.config import load_space
 from training.data.dataset import make_datasets, prepare_data
 from training.engine.trainer import (BEST, LAST, METRICS, Trainer, build_optimizer, build_scheduler,
                                      evaluate_untrained, load_checkpoint, train)
-from training.errors import NonFiniteLossError
+from training.errors import NonFiniteLossError, SegtuneError, WeightsNotFoundError
 from training.evaluation.metrics import ConfusionMatrix, SegScores, resize_logits
 from training.modeling.losses import LossMix
+from training.modeling.models import build_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 QUIET = dict(log=lambda _: None)
@@ -139,6 +141,40 @@ def test_resume_continues_exactly(camvid16, data16, tmp_path, workers):
     assert not all(torch.equal(after_one["model"][k], b["model"][k]) for k in b["model"])
 
 
+def test_resume_needs_no_pretrained_file(camvid16, data16, tmp_path):
+    """The checkpoint holds every weight: a node without the encoder's weights file resumes."""
+    weights = tmp_path / "encoder.pth"
+    torch.manual_seed(11)
+    encoder = build_model(load_space("deeplab", smoke=True).defaults.model, len(data16.classes)).encoder
+    torch.save(encoder.state_dict(), weights)
+    cfg = resume_cfg(camvid16, **{"model.encoder_weights": str(weights)})
+    with pytest.raises(Crash):
+        train(cfg, data16, 0, tmp_path / "run", callbacks=[crash_after(1)], **QUIET)
+    first_epoch = load_checkpoint(tmp_path / "run")["history"]
+    weights.unlink()
+    with pytest.raises(WeightsNotFoundError, match="file not found"):  # a fresh start does need it
+        Trainer(cfg, data16, 0, tmp_path / "fresh", **QUIET)
+    resumed = train(cfg, data16, 0, tmp_path / "run", resume=tmp_path / "run" / LAST, **QUIET)
+    assert resumed.epochs_trained == 2 and resumed.history[:1] == first_epoch
+
+
+def test_resume_refuses_another_fold_or_model(camvid16, data16, tmp_path):
+    cfg = smoke_cfg(camvid16, **{"trainer.epochs": 1, "trainer.overlays": 0})
+    train(cfg, data16, 0, tmp_path, **QUIET)
+    checkpoint = tmp_path / LAST
+    with pytest.raises(SegtuneError, match=rf"^{re.escape(str(checkpoint))}: checkpoint is of fold 0, this run trains fold 1$"):
+        Trainer(cfg, data16, 1, tmp_path / "fold1", resume=checkpoint, **QUIET)
+    other = smoke_cfg(camvid16, **{"trainer.epochs": 1, "model.encoder": "mobilenet_v2"})
+    with pytest.raises(SegtuneError, match=rf"^{re.escape(str(checkpoint))}: checkpoint has model.encoder='resnet18', this run has model.encoder='mobilenet_v2'$"):
+        Trainer(other, data16, 0, tmp_path / "other", resume=checkpoint, **QUIET)
+    other = smoke_cfg(camvid16, **{"trainer.epochs": 1, "model.arch": "Unet"})
+    with pytest.raises(SegtuneError, match=r"checkpoint has model.arch='DeepLabV3Plus', this run has model.arch='Unet'$"):
+        Trainer(other, data16, 0, tmp_path / "other", resume=checkpoint, **QUIET)
+    # the same run resumes, whatever the letter case of the arch
+    same = smoke_cfg(camvid16, **{"trainer.epochs": 1, "trainer.overlays": 0, "model.arch": cfg.model.arch.lower()})
+    assert Trainer(same, data16, 0, tmp_path / "same", resume=checkpoint, **QUIET).epoch == 1
+
+
 # ---- non-finite loss -----------------------------------------------------------------------
 
 
@@ -181,6 +217,104 @@ def test_bf16_autocast_keeps_loss_in_fp32(camvid16, data16, tmp_path):
     assert math.isfinite(result.history[0]["train_loss"]) and result.epochs_trained == 1
 
 
+def real_masks(data, size: int, count: int = 2) -> torch.Tensor:
+    """`count` CamVid masks, nearest-resized to size x size, as a long batch."""
+    ids = [image.id for image in data.index.images][:count]
+    resized = [cv2.resize(data.cache.load(i), (size, size), interpolation=cv2.INTER_NEAREST) for i in ids]
+    return torch.from_numpy(np.stack(resized)).long()
+
+
+@pytest.mark.parametrize("ignore_index", [None, 0])
+def test_loss_mix_is_the_weighted_sum_of_its_terms(camvid16, data16, ignore_index):
+    from segmentation_models_pytorch import losses as smp_losses
+
+    weights = {"ce": 1.0, "soft_ce": 0.7, "dice": 0.5, "focal": 0.3, "lovasz": 0.2, "jaccard": 0.15, "tversky": 0.1}
+    cfg = smoke_cfg(camvid16, **{"loss.weights": weights, "loss.ignore_index": ignore_index, "loss.focal_gamma": 1.5, "loss.smooth_factor": 0.2})
+    masks = real_masks(data16, 64)
+    logits = 3 * torch.randn(2, len(data16.classes), 64, 64, generator=torch.Generator().manual_seed(0))
+    ignore = -100 if ignore_index is None else ignore_index
+    direct = {
+        "ce": nn.functional.cross_entropy(logits, masks, ignore_index=ignore),
+        "soft_ce": smp_losses.SoftCrossEntropyLoss(smooth_factor=0.2, ignore_index=ignore)(logits, masks),
+        "dice": smp_losses.DiceLoss("multiclass", ignore_index=ignore_index)(logits, masks),
+        "focal": smp_losses.FocalLoss("multiclass", gamma=1.5, ignore_index=ignore_index)(logits, masks),
+        "lovasz": smp_losses.LovaszLoss("multiclass", ignore_index=ignore_index)(logits, masks),
+        "jaccard": smp_losses.JaccardLoss("multiclass")(logits, masks),
+        "tversky": smp_losses.TverskyLoss("multiclass", ignore_index=ignore_index)(logits, masks),
+    }
+    total, parts = LossMix(cfg.loss)(logits, masks)
+    assert parts.keys() == direct.keys()
+    for name, value in direct.items():
+        torch.testing.assert_close(parts[name], value, msg=name)
+    torch.testing.assert_close(total, sum(weights[name] * value for name, value in direct.items()))
+    if ignore_index is None:  # soft_ce is label-smoothed cross entropy, not plain ce
+        torch.testing.assert_close(parts["soft_ce"], nn.functional.cross_entropy(logits, masks, label_smoothing=0.2))
+        assert not torch.allclose(parts["soft_ce"], parts["ce"])
+
+
+def test_loss_terms_run_in_fp32_under_fp16_autocast(camvid16, data16):
+    """At 2 x 512 x 512 a class's pixel count exceeds fp16's 65504: Dice's sums would be inf."""
+    from segmentation_models_pytorch import losses as smp_losses
+
+    weights = {"ce": 1.0, "soft_ce": 0.5, "dice": 1.0, "focal": 0.5, "jaccard": 0.5, "tversky": 0.5}
+    cfg = smoke_cfg(camvid16, **{"loss.weights": weights})
+    masks = real_masks(data16, 512)
+    assert torch.bincount(masks.flatten()).max() > 65504
+    logits = (3 * torch.randn(2, len(data16.classes), 512, 512, generator=torch.Generator().manual_seed(0))).half()
+    assert not torch.isfinite(smp_losses.DiceLoss("multiclass")(logits, masks))  # what fp16 would give
+    loss_fn = LossMix(cfg.loss)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert torch.ones(1, 1).matmul(torch.ones(1, 1)).dtype == torch.float16  # autocast is really on
+        loss, parts = loss_fn(logits, masks)
+    assert loss.dtype == torch.float32 and all(p.dtype == torch.float32 for p in parts.values())
+    assert torch.isfinite(loss) and all(torch.isfinite(p) for p in parts.values())
+    ref_loss, ref_parts = loss_fn(logits.float(), masks)
+    assert torch.equal(loss, ref_loss) and all(torch.equal(parts[k], ref_parts[k]) for k in parts)
+
+
+def test_channels_last_model_and_inputs(camvid16, data16, tmp_path):
+    cfg = smoke_cfg(camvid16, **{"trainer.channels_last": True, "trainer.epochs": 1, "trainer.overlays": 0})
+    trainer = Trainer(cfg, data16, 0, tmp_path, device="cpu", **QUIET)
+    # kernels wider than 1x1: for those, channels_last and the default layout differ
+    kernels = [p for p in trainer.model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1]
+    assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in kernels)
+    images, _, _ = next(iter(trainer.train_loader))
+    inputs = trainer._model_input(images)
+    assert inputs.is_contiguous(memory_format=torch.channels_last) and not inputs.is_contiguous()
+    before = [p.detach().clone() for p in kernels]
+    train_loss, _, _ = trainer.train_one_epoch()
+    assert math.isfinite(train_loss)
+    assert all(not torch.equal(a, b) for a, b in zip(before, kernels))  # the step updated the weights
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+
+
+def grad_norms_at_step(trainer: Trainer) -> list[float]:
+    """The total gradient norm the optimizer sees at each step (after clipping, before the update)."""
+    norms = []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
+    trainer.optimizer.register_step_pre_hook(record)
+    return norms
+
+
+@pytest.mark.parametrize("amp", ["off", "fp16"])  # fp16: clipping must act on unscaled gradients (~6 s on CPU)
+def test_grad_clip_bounds_the_gradient_norm(camvid16, data16, tmp_path, amp):
+    limit = 0.05
+    overrides = {"trainer.epochs": 1, "trainer.overlays": 0, "data.batch_size": 4, "trainer.amp": amp}
+    if amp == "off":
+        unclipped = Trainer(smoke_cfg(camvid16, **overrides, **{"trainer.grad_clip": None}), data16, 0, tmp_path / "a", device="cpu", **QUIET)
+        raw = grad_norms_at_step(unclipped)
+        unclipped.train_one_epoch()
+        assert len(raw) >= 2 and min(raw) > 10 * limit, raw  # without clipping every step exceeds the limit
+    clipped = Trainer(smoke_cfg(camvid16, **overrides, **{"trainer.grad_clip": limit}), data16, 0, tmp_path / "b", device="cpu", **QUIET)
+    assert clipped.dtype == (torch.float16 if amp == "fp16" else None)
+    norms = grad_norms_at_step(clipped)
+    clipped.train_one_epoch()
+    # clipped to the limit, not below it: a clip before unscaling would leave limit / 65536
+    assert len(norms) >= 2 and all(0.99 * limit <= n <= limit * (1 + 1e-4) for n in norms), norms
 # ---- optimizers and schedules --------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ import argparse
 from training.cli import run_cli
 from training.errors import ConfigError
 from training.evaluation.predict import DEFAULT_SCALES, TTA_TOKENS, VOTES
-from training.kfold import DEFAULT_TTA, SMOKE_TTA, KFoldOptions, run_kfold
+from training.kfold import DEFAULT_TTA, MAX_TOP_K, SMOKE_TTA, KFoldOptions, run_kfold
 
 
 def _scales(text: str) -> tuple[float, ...]:
@@ -28,7 +28,7 @@ def _scales(text: str) -> tuple[float, ...]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--experiment", help="results/<NAME> (or a path to its best_configs.yaml); default: the newest")
-    p.add_argument("--top-k", type=int, default=1, help="how many of the best configs to retrain and ensemble (<= 5; default 1)")
+    p.add_argument("--top-k", type=int, default=1, help=f"how many of the best configs to retrain and ensemble (<= {MAX_TOP_K}; default 1)")
     p.add_argument("--data", help="dataset root; default: best_configs' data_root, else the embedded sample")
     p.add_argument("--epochs", type=int, help="epochs per fold; default: the epochs each config reached in the search")
     p.add_argument("--tta", help=f"test-time augmentation, comma-separated from {list(TTA_TOKENS)}; default {DEFAULT_TTA!r} ({SMOKE_TTA!r} with --smoke)")

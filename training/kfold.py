@@ -207,8 +207,14 @@ def _dotted(tree: dict[str, Any], dotted: str) -> Any:
 
 def build_candidates(best: BestConfigs, options: KFoldOptions) -> list[Candidate]:
     """The top-k configs with the stage's overrides (--data, --smoke, epochs) applied and validated."""
-    if not 1 <= options.top_k <= MAX_TOP_K:
-        raise ConfigError(f"--top-k: must be in [1, {MAX_TOP_K}] (ensemble selection scores all 2^k-1 subsets), got {options.top_k}")
+    if options.top_k < 1:
+        raise ConfigError(f"--top-k: must be >= 1, got {options.top_k}")
+    if options.top_k > MAX_TOP_K:
+        raise ConfigError(
+            f"--top-k: at most {MAX_TOP_K}, got {options.top_k}: ensemble selection scores all 2^k-1 subsets of the configs "
+            f"on every OOF batch ({2 ** options.top_k - 1} at k={options.top_k}, vs {2 ** MAX_TOP_K - 1} at k={MAX_TOP_K}), "
+            "and each config adds one training per fold"
+        )
     if options.top_k > len(best.configs):
         raise ConfigError(f"--top-k {options.top_k}: {best.path} has only {len(best.configs)} config(s)")
     if options.epochs is not None and options.epochs < 1:
@@ -333,9 +339,9 @@ def load_test_index(cfg: Config, classes: list[str]):
 class KFoldTracking:
     """The kfold parent run, a child per (config, fold), an ensemble run; found again on resume.
 
-    Checkpoints are recorded as a path tag (plus size), not uploaded: a smoke best.pt is
-    ~50 MB, a real one 100-250 MB, times 5 folds x k configs; uploading would copy GBs that
-    already sit on the (shared) results storage through the one driver that writes MLflow.
+    Each child run holds its fold's best.pt as an artifact (the lineage asks for it; a real
+    one is 100-250 MB, times 5 folds x k configs, copied by this driver into the artifact
+    store) and also its path on the results storage as a tag, with its size.
     Small files (metrics.json, per-class IoU plot, confusion matrix, summary) are artifacts.
     """
 
@@ -423,6 +429,7 @@ class KFoldTracking:
             flat.update({f"loss_{k}": v for k, v in (row.get("loss_terms") or {}).items()})
             self.log_epoch(job.run_id, flat)
         best = job.out_dir / BEST
+        self.tracker.log_artifact(job.run_id, best)
         self.tracker.set_tags(job.run_id, {
             "checkpoint": str(best.resolve()),
             "checkpoint_bytes": best.stat().st_size if best.is_file() else 0,
@@ -455,9 +462,10 @@ class KFoldTracking:
 # ---- Ray tasks ------------------------------------------------------------------------------
 
 
-def connect_ray(address: str | None, log: Log) -> bool:
+def connect_ray(address: str | None, log: Log, num_cpus: int | None = None) -> bool:
     """Join the cluster the search used (--address / RAY_ADDRESS) or start a local Ray on
-    127.0.0.1. Returns True when this call started Ray (and should shut it down)."""
+    127.0.0.1 (`num_cpus`: local only, default all cores). Returns True when this call
+    started Ray (and should shut it down)."""
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
@@ -465,7 +473,14 @@ def connect_ray(address: str | None, log: Log) -> bool:
         ray.init(address=address, log_to_driver=True)
         log(f"ray: joined {address}")
     else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+        from tune.runner import _local_ray_env
+
+        _local_ray_env()  # else Ray rewrites 127.0.0.1 to the machine's outward address
+        ray.init(_node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        node_ip = ray.util.get_node_ip_address()
+        if node_ip != "127.0.0.1":
+            ray.shutdown()
+            raise SegtuneError(f"ray: the local instance bound to {node_ip}, not 127.0.0.1 (is RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 set?)")
         log(f"ray: local instance on 127.0.0.1 ({ray.cluster_resources().get('CPU', 0):g} CPUs)")
     return True
 
@@ -597,8 +612,12 @@ def oof_fold_task(
 
 
 @ray.remote(max_retries=0)
-def predict_test_task(checkpoints: list[str], test_index, tta_spec: dict, vote_method: str, out_side: int):
-    """Stream (file_name, uint8 mask) per test image; the driver writes them (single writer)."""
+def predict_test_task(checkpoints: list[str], test_index, tta_spec: dict, vote_method: str, mask_side: int):
+    """Stream (file_name, uint8 mask) per test image; the driver writes them (single writer).
+
+    The ensemble votes at its members' input size; only the label mask is resized
+    (nearest) to mask_side x mask_side (see predict.iter_predictions).
+    """
     import torch
     from torch.utils.data import DataLoader
 
@@ -614,7 +633,7 @@ def predict_test_task(checkpoints: list[str], test_index, tta_spec: dict, vote_m
     specs = assign_inputs(members)
     ds = ImageDataset(test_index, test_index.image_ids, MultiInputTransform(specs))
     loader = DataLoader(ds, **_eval_loader_kwargs(members[0].cfg))
-    for image_id, mask in iter_predictions(members, loader, (out_side, out_side), TTA(**tta_spec), vote_method, device):
+    for image_id, mask in iter_predictions(members, loader, (mask_side, mask_side), TTA(**tta_spec), vote_method, device):
         yield test_index.image(image_id).file_name, mask
 
 
@@ -928,8 +947,9 @@ def _predict_submission(checkpoints, cfgs, test_index, tta, options: KFoldOption
 
     path = kfold_dir / SUBMISSION
     meta_path = kfold_dir / SUBMISSION_META
+    # `mask`: how the 256 px mask is made; a submission.csv from the former bilinear-logits path is redone.
     key = _fingerprint([Path(p) for p in checkpoints], tta=tta.name, vote=options.vote, png=options.png,
-                       test=file_sha256(test_index.ann_path))
+                       test=file_sha256(test_index.ann_path), mask="vote at input size, labels resized nearest")
     if path.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("key") == key:

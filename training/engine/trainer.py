@@ -166,7 +166,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 class Trainer:
-    """Trains one config on one fold; `fit()` runs the epochs, calling callbacks after each."""
+    """Trains one config on one fold; `fit()` runs the epochs, calling callbacks after each.
+
+    With `resume`, training continues from that checkpoint (file or run directory).
+    """
 
     def __init__(
         self,
@@ -177,6 +180,7 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         device: str | torch.device | None = None,
         log: Callable[[str], None] = print,
+        resume: str | Path | None = None,
     ):
         self.cfg = cfg
         self.data = data
@@ -192,7 +196,9 @@ class Trainer:
         data.ensure_cached()
         self.train_ds, self.val_ds = make_datasets(cfg, data, fold)
         torch.manual_seed(cfg.trainer.seed)
-        self.model = build_model(cfg.model, len(self.classes)).to(self.device)
+        # A checkpoint holds every weight: resuming must not need the pretrained file or cache.
+        model_cfg = cfg.model if resume is None else cfg.model.model_copy(update={"encoder_weights": None})
+        self.model = build_model(model_cfg, len(self.classes)).to(self.device)
         self.memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
         self.loss_fn = LossMix(cfg.loss)
@@ -206,6 +212,8 @@ class Trainer:
         self.best_epoch = 0
         self.best_per_class: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
+        if resume is not None:
+            self.resume(resume)
 
     def _loader(self, ds, train: bool) -> DataLoader:
         workers = self.cfg.data.num_workers
@@ -251,10 +259,22 @@ class Trainer:
 
     def resume(self, checkpoint: str | Path) -> None:
         state = load_checkpoint(checkpoint)
-        if state.get("classes") != self.classes:
-            raise SegtuneError(f"{checkpoint}: checkpoint classes {state.get('classes')} differ from the data's {self.classes}")
+        self._check_resumable(state, checkpoint)
         self.load_state_dict(state)
         self.log(f"resumed from {checkpoint} at epoch {self.epoch}")
+
+    def _check_resumable(self, state: dict[str, Any], checkpoint: str | Path) -> None:
+        """Refuse a checkpoint of another fold, model or class list."""
+        if state.get("classes") != self.classes:
+            raise SegtuneError(f"{checkpoint}: checkpoint classes {state.get('classes')} differ from the data's {self.classes}")
+        if state.get("fold") != self.fold:
+            raise SegtuneError(f"{checkpoint}: checkpoint is of fold {state.get('fold')}, this run trains fold {self.fold}")
+        saved = (state.get("config") or {}).get("model") or {}
+        ours = self.cfg.to_dict()["model"]
+        for key in ("arch", "encoder", "params"):  # encoder_weights only seeded the first epoch
+            differs = str(saved.get(key)).lower() != ours[key].lower() if key == "arch" else saved.get(key) != ours[key]
+            if differs:
+                raise SegtuneError(f"{checkpoint}: checkpoint has model.{key}={saved.get(key)!r}, this run has model.{key}={ours[key]!r}")
 
     def _save(self, is_best: bool) -> None:
         state = self.state_dict()
@@ -405,10 +425,7 @@ def train(
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train `cfg` on `fold`, optionally continuing from a checkpoint (file or directory)."""
-    trainer = Trainer(cfg, data, fold, out_dir, callbacks, device, log)
-    if resume is not None:
-        trainer.resume(resume)
-    return trainer.fit()
+    return Trainer(cfg, data, fold, out_dir, callbacks, device, log, resume=resume).fit()
 
 
 def evaluate_untrained(cfg: "Config", data: PreparedData, fold: int) -> float:

@@ -1,9 +1,13 @@
 """Prediction: test-time augmentation (TTA), fold/config ensembles, streaming over images.
 
-Everything is averaged in probability space at the output size: a model's logits for one
-TTA view are un-flipped, resized (bilinear) to the output size and softmaxed; the views'
-probabilities are averaged. For a single model without TTA this is exactly what the trainer
-scores (argmax of the resized logits), so OOF numbers reproduce the folds' val mIoU.
+Everything is averaged in probability space at one size: a model's logits for one TTA view
+are un-flipped, resized (bilinear) to that size and softmaxed; the views' probabilities are
+averaged. Two callers pick the size:
+- OOF scoring (`SubsetScorer`) uses the score size, exactly as the trainer scores (argmax
+  of the resized logits), so a single model's OOF numbers reproduce the folds' val mIoU;
+- test prediction (`iter_predictions`) uses the ensemble frame, the largest member input
+  size (data.image_size), so no model is upsampled before the vote; only the final label
+  mask is resized, nearest-neighbour, to the requested output size (the submission's 256).
 
 Ensembles vote across models (folds x configs):
 - soft: argmax of the mean probability;
@@ -315,6 +319,21 @@ def ensemble_proba(members: Sequence[Member], inputs: Sequence[torch.Tensor], ou
 # ---- streaming over images -------------------------------------------------------------------
 
 
+def ensemble_frame(members: Sequence[Member]) -> tuple[int, int]:
+    """Where an ensemble votes: the largest member input size (data.image_size), square."""
+    side = max(m.cfg.data.image_size for m in members)
+    return side, side
+
+
+def resize_labels(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A H x W label mask resized nearest-neighbour (cv2.INTER_NEAREST) to `size` (rows, cols)."""
+    import cv2
+
+    if mask.shape == tuple(size):
+        return mask
+    return cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+
+
 def iter_predictions(
     members: Sequence[Member],
     loader: Iterable,
@@ -323,16 +342,19 @@ def iter_predictions(
     method: str = "soft",
     device: torch.device | str = "cpu",
 ) -> Iterator[tuple[Any, np.ndarray]]:
-    """(image id, uint8 label mask) per image, one batch in memory at a time.
+    """(image id, uint8 label mask at `out_size`) per image, one batch in memory at a time.
 
-    `loader` yields (inputs, ids) where inputs is a tuple with one uint8 tensor per InputSpec
-    (ImageDataset with a MultiInputTransform, see `assign_inputs`).
+    Members predict and vote in the ensemble frame (`ensemble_frame`); the argmax mask is
+    then resized nearest-neighbour to `out_size`. `loader` yields (inputs, ids) where inputs
+    is a tuple with one uint8 tensor per InputSpec (ImageDataset with a MultiInputTransform,
+    see `assign_inputs`).
     """
+    frame = ensemble_frame(members)
     for inputs, ids in loader:
         inputs = model_inputs(members, inputs, device)
-        labels = ensemble_proba(members, inputs, out_size, tta, hard=method == "hard").labels(method)
+        labels = ensemble_proba(members, inputs, frame, tta, hard=method == "hard").labels(method)
         for image_id, mask in zip(ids, labels.to(torch.uint8).cpu().numpy()):
-            yield (image_id.item() if torch.is_tensor(image_id) else image_id), mask
+            yield (image_id.item() if torch.is_tensor(image_id) else image_id), resize_labels(mask, out_size)
 
 
 # ---- out-of-fold scoring of every subset of configs ------------------------------------------

@@ -2,8 +2,19 @@
 
 image_id is the test image's `file_name` from test.json; PredictionString is the predicted
 mask at 256 x 256 as 65,536 class indices (0 = Background), row-major, space-separated.
-The predictor makes the 256 x 256 mask by resizing each model's logits bilinearly to
-256 x 256 before the softmax and the vote (see predict.py); this module only encodes it.
+Lines end in LF, not the csv module's default CRLF.
+
+Two different 256 x 256 masks exist, on purpose:
+- submission (predict.iter_predictions): every model predicts at its input size
+  (data.image_size; a smaller member's logits are resized bilinearly to the largest
+  member's size before the softmax), TTA views and models are averaged/voted there, the
+  argmax label mask is taken there, and only that mask is resized to 256 x 256,
+  nearest-neighbour (cv2.INTER_NEAREST), as the competition asks;
+- OOF and trainer val mIoU (data.score_size, 256 by default): logits are resized
+  bilinearly to the score size before the softmax/argmax and compared with the ground
+  truth resized nearest-neighbour from full resolution. This smoother mask scores the
+  models; it is not what the submission encodes.
+This module only encodes and checks the CSV.
 """
 
 from __future__ import annotations
@@ -53,7 +64,7 @@ class SubmissionWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".submission-", suffix=".tmp")
         self._file = os.fdopen(fd, "w", newline="")
-        self._writer = csv.writer(self._file)
+        self._writer = csv.writer(self._file, lineterminator="\n")
         self._writer.writerow(HEADER)
         return self
 

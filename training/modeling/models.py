@@ -8,7 +8,10 @@ state dict, and anything missing is an error that says how to provide the file.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -143,6 +146,101 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _key_summary(missing: list[str], unexpected: list[str]) -> str:
+    parts = [f"{len(keys)} {kind} keys (e.g. {keys[:3]})" for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    return ", ".join(parts)
+
+
+def _load_error_summary(err: RuntimeError) -> str:
+    """torch's multi-line load_state_dict error as one line: key counts, the first shape mismatch."""
+    lines = [line.strip() for line in str(err).strip().splitlines()[1:]]
+    keys = {kind: re.findall(r'"([^"]+)"', next((l for l in lines if l.startswith(kind)), "")) for kind in ("Missing", "Unexpected")}
+    mismatch = next((l.rstrip(".") for l in lines if l.startswith("size mismatch")), None)
+    parts = [_key_summary(keys["Missing"], keys["Unexpected"])] if keys["Missing"] or keys["Unexpected"] else []
+    parts += [mismatch] if mismatch else []
+    return ", ".join(parts) or str(err).strip().splitlines()[-1].strip()
+
+
+class _TimmLoadKeys(logging.Filter):
+    """Collects the keys timm logs as missing/unexpected after a non-strict load (it raises only when strict)."""
+
+    PATTERN = re.compile(r"(Missing|Unexpected) keys \((.*)\) (?:discovered|found) while loading pretrained weights")
+
+    def __init__(self, shown_from: int):
+        super().__init__()
+        self.shown_from = shown_from
+        self.keys: dict[str, list[str]] = {"missing": [], "unexpected": []}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        found = self.PATTERN.match(record.getMessage())
+        if found:  # reported by build_model instead, as an error where the keys do not fit
+            self.keys[found[1].lower()] += found[2].split(", ")
+            return False
+        return record.levelno >= self.shown_from  # INFO is enabled only to see the missing keys
+
+
+@contextmanager
+def _timm_load_keys():
+    logger = logging.getLogger("timm.models._builder")
+    collector = _TimmLoadKeys(shown_from=logger.getEffectiveLevel())
+    level = logger.level
+    logger.addFilter(collector)
+    logger.setLevel(min(collector.shown_from, logging.INFO))
+    try:
+        yield collector.keys
+    finally:
+        logger.removeFilter(collector)
+        logger.setLevel(level)
+
+
+def _headless_keys(model_name: str) -> set[str]:
+    """State dict keys of timm's classification model without its classifier."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            return set(timm.create_model(model_name, num_classes=0).state_dict())
+    except Exception:  # a few models cannot be built on the meta device
+        return set(timm.create_model(model_name, num_classes=0).state_dict())
+
+
+def _build_timm_pretrained(spec: ArchSpec, encoder: str, weights_file: Path, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    """A `tu-` model whose encoder loads `weights_file` through timm (its checkpoint filter included), strictly.
+
+    timm loads a features_only model non-strictly when the head differs, so a partial or foreign
+    file would leave the encoder partly random: the classifier keys are dropped here and the model
+    built headless (num_classes=0), which keeps timm strict. Feature models that timm always loads
+    non-strictly (efficientnet, mobilenetv3: no head layers) are checked through the keys timm reports.
+    """
+    import timm
+
+    try:
+        state = timm.models.load_state_dict(str(weights_file))
+    except Exception as err:  # unreadable, or not a state dict
+        raise WeightsNotFoundError(f"model.encoder_weights: cannot read {weights_file}: {err}") from None
+    model_name = encoder[3:]
+    classifiers = getattr(timm.models.get_pretrained_cfg(model_name), "classifier", None) or ()
+    if isinstance(classifiers, str):
+        classifiers = (classifiers,)
+    head_keys = {f"{name}.{param}" for name in classifiers for param in ("weight", "bias")}
+    state = {k: v for k, v in state.items() if k not in head_keys}
+    # source=None: a registry entry sourced from the hub would otherwise ignore the state dict
+    kwargs["pretrained_cfg_overlay"] = dict(state_dict=state, num_classes=0, source=None)
+    where = f"model.encoder_weights: {weights_file} does not fit encoder {encoder!r}"
+    try:
+        with _timm_load_keys() as reported:
+            model = spec.cls(encoder_name=encoder, encoder_weights=True, classes=num_classes, **kwargs)
+    except RuntimeError as err:  # strict key mismatches; shape mismatches even when non-strict
+        raise WeightsNotFoundError(f"{where}: {_load_error_summary(err)}") from None
+    missing, unexpected = reported["missing"], reported["unexpected"]
+    if unexpected:  # the head layers a features model drops (conv_head, ...) are expected
+        headless = _headless_keys(model_name)
+        unexpected = [k for k in unexpected if k not in headless]
+    if missing or unexpected:
+        raise WeightsNotFoundError(f"{where}: {_key_summary(missing, unexpected)}")
+    return model
+
+
 def build_model(cfg: "ModelConfig", num_classes: int) -> nn.Module:
     """The smp model for `cfg`, encoder weights loaded from local files only."""
     spec = arch_spec(cfg.arch)
@@ -155,9 +253,7 @@ def build_model(cfg: "ModelConfig", num_classes: int) -> nn.Module:
             raise WeightsNotFoundError(f"model.encoder_weights: file not found: {weights_file}")
     kwargs: dict[str, Any] = dict(cfg.params)
     if weights_file is not None and _is_timm(cfg.encoder):
-        # timm reads the file itself and drops classifier keys the features model lacks.
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights_file))
-        return spec.cls(encoder_name=cfg.encoder, encoder_weights=True, classes=num_classes, **kwargs)
+        return _build_timm_pretrained(spec, cfg.encoder, weights_file, num_classes, kwargs)
     model = spec.cls(encoder_name=cfg.encoder, encoder_weights=None, classes=num_classes, **kwargs)
     if weights_file is not None:
         state = load_state_dict_file(weights_file)

@@ -1,0 +1,42 @@
+"""The benchmark scripts run and print the figures the README quotes, as one JSON object on
+`--json` (tiny settings here: the figures themselves are measured by hand, not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from conftest import PYTHON, REPO, write_camvid_subset
+
+
+def run_benchmark(script: str, *args: str) -> dict:
+    proc = subprocess.run([PYTHON, f"benchmarks/{script}", *args, "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, f"--json must print exactly one line, got:\n{proc.stdout[-3000:]}"
+    return json.loads(lines[0])
+
+
+def test_loader_benchmark_reports_cached_and_naive_rates(tmp_path):
+    data = write_camvid_subset(tmp_path / "camvid8", n_train=8)
+    report = run_benchmark("loader.py", "--data", str(data), "--size", "128", "--samples", "8", "--naive-samples", "4", "--repeats", "2")
+    assert report["img_per_s_per_core"] > 0 and report["naive_img_per_s_per_core"] > 0, report
+    assert len(report["runs_img_per_s"]) == 2 and len(report["naive_runs_img_per_s"]) == 2, report
+
+
+def test_train_step_benchmark_reports_each_encoder():
+    report = run_benchmark("train_step.py", "--encoders", "resnet18,tu-efficientnet_b0", "--size", "64", "--batch", "2",
+                           "--warmup", "1", "--steps", "2", "--threads", "1")
+    assert [e["encoder"] for e in report["encoders"]] == ["resnet18", "tu-efficientnet_b0"], report
+    for row in report["encoders"]:
+        assert row["img_per_s"] > 0 and row["img_per_s_per_core"] > 0 and row["amp"] == "off", row
+
+
+def test_ensemble_inference_benchmark_reports_with_and_without_tta():
+    report = run_benchmark("ensemble_inference.py", "--size", "64", "--folds", "2", "--images", "2", "--batch", "2",
+                           "--repeats", "2", "--device", "cpu")  # default TTA settings: none; hflip; flip,scale
+    assert report["members"] == 2 and report["output_size"] == 256, report
+    views = [r["views"] for r in report["results"]]
+    assert views[0] == 1 and views[1] == 2 and views[2] > 2, report
+    for row in report["results"]:
+        assert row["img_per_s"] > 0 and len(row["img_per_s_runs"]) == 2, row
