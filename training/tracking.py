@@ -131,7 +131,7 @@ class Tracker:
         return runs[0].info.run_id if runs else None
 
     def child_runs(self, experiment_id: str, parent_run_id: str) -> dict[str, str]:
-        """{run id: segtune.trial_id tag} of the parent's (not deleted) child runs."""
+        """{run id: segtune.trial_id tag} of the parent's (not deleted) child runs, newest first (MLflow's order)."""
         runs = self._call(self.client.search_runs, [experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=50_000, queue=False)
         return {run.info.run_id: run.data.tags.get("segtune.trial_id", "") for run in runs or []}
 

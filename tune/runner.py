@@ -150,17 +150,17 @@ def _trial_resources(space: SearchSpace, local: bool, log: Callable) -> dict[str
     res = space.defaults.search.resources
     cluster = ray.cluster_resources()
     nodes_cpu = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    missing_gpu = bool(res.gpu) and not cluster.get("GPU")
+    too_few_cpus = bool(nodes_cpu) and res.cpu > max(nodes_cpu)
     if not local:
-        if (res.gpu and not cluster.get("GPU")) or (nodes_cpu and res.cpu > max(nodes_cpu)):
+        if missing_gpu or too_few_cpus:
             log(f"note: no Ray node has {res.cpu:g} CPU + {res.gpu:g} GPU free yet; trials wait for the autoscaler to add workers")
         return {"cpu": res.cpu, "gpu": res.gpu}
-    gpu = res.gpu
-    if gpu and not cluster.get("GPU"):
-        log(f"WARNING search.resources.gpu={gpu} but this machine has no GPU Ray can use: trials run on CPU")
-        gpu = 0.0
-    if nodes_cpu and res.cpu > max(nodes_cpu):
+    if missing_gpu:
+        log(f"WARNING search.resources.gpu={res.gpu} but this machine has no GPU Ray can use: trials run on CPU")
+    if too_few_cpus:
         raise ConfigError(f"{space.source}: search.resources.cpu: {res.cpu} CPUs per trial but this machine gives Ray {max(nodes_cpu):g}")
-    return {"cpu": res.cpu, "gpu": gpu}
+    return {"cpu": res.cpu, "gpu": 0.0 if missing_gpu else res.gpu}
 
 
 def trial_dirname(trial: Any) -> str:
@@ -439,18 +439,17 @@ def run_search(opts: SearchOptions, log: Callable[[str], None] = print) -> Searc
     return outcome
 
 
-def _retire_lost_runs(tracker: Tracker, outcome: SearchOutcome, trial_ids: set[str], log: Callable) -> None:
-    """Delete the child runs of trials the search no longer has.
+def _retire_lost_runs(tracker: Tracker, children: dict[str, str], trial_ids: set[str], log: Callable) -> None:
+    """Delete the child runs ({run id: trial id}) of trials the search no longer has.
 
     A trial that started less than one Tune state save before its driver was killed is
     unknown to the restored search: the searcher draws a new trial in its place, and the
     old one's partial epochs are gone. Its MLflow run is marked and soft-deleted (restorable
     from the UI's deleted runs), so MLflow's children and the leaderboard list the same trials.
     """
-    from tune.tracking import STATUS_TAG, TRIAL_TAG
+    from tune.tracking import STATUS_TAG
 
-    runs = tracker.child_runs(outcome.mlflow_experiment_id, outcome.parent_run_id)
-    lost = {run_id: trial_id for run_id, trial_id in runs.items() if trial_id not in trial_ids}
+    lost = {run_id: trial_id for run_id, trial_id in children.items() if trial_id not in trial_ids}
     for run_id in lost:
         tracker.set_tags(run_id, {STATUS_TAG: "lost: started just before the driver was killed, unknown to the resumed search"})
         tracker.end_run(run_id, "KILLED")
@@ -463,17 +462,19 @@ def _write_results(outcome: SearchOutcome, space: SearchSpace, tracker: Tracker,
     """Leaderboard, best configs (finished searches only), the parent run, a summary; updates `state`."""
     from tune.endings import read_endings
     from tune.results import BEST_CONFIGS, best_configs_document, collect_records, summary_table, write_leaderboard, write_yaml
-    from tune.tracking import TRIAL_TAG
 
     cfg = space.defaults
     trials = _restored_trials(outcome.tune_path)
     endings = read_endings(outcome.results_dir)
     trial_ids = {t.trial_id for t in trials} | set(endings)
-    run_ids = {}
+    run_ids: dict[str, str] = {}
     if outcome.mlflow_experiment_id:
-        for trial_id in trial_ids:
-            run_ids[trial_id] = tracker.find_run(outcome.mlflow_experiment_id, {TRIAL_TAG: trial_id, "mlflow.parentRunId": outcome.parent_run_id})
-        _retire_lost_runs(tracker, outcome, trial_ids, log)
+        # One query for every child run, not one per trial: a search may have hundreds.
+        children = tracker.child_runs(outcome.mlflow_experiment_id, outcome.parent_run_id)
+        for run_id, trial_id in children.items():  # newest first: the run find_run would return
+            if trial_id in trial_ids:
+                run_ids.setdefault(trial_id, run_id)
+        _retire_lost_runs(tracker, children, trial_ids, log)
     records = collect_records(trials, space, run_ids.get, endings)
     budget_hit = cfg.search.time_budget_s is not None and outcome.fit_seconds >= cfg.search.time_budget_s
     interrupted = any(r.status == "unfinished" for r in records) or (len(records) < cfg.search.num_samples and not budget_hit)
