@@ -86,15 +86,3 @@ def mlflow_server(backend_uri: str, workdir: Path):
         yield f"http://127.0.0.1:{port}", proc
     finally:
         stop_process_group(proc)
-
-
-def ray_start_on_loopback(ray_params, head: bool) -> None:
-    """`RAY_START_HOOK=services.ray_start_on_loopback` for a non-head `ray start` (tests/test_multinode.py).
-
-    Ray 2.60's `ray start` turns --node-ip-address=127.0.0.1 into the machine's outward address
-    (ray._private.services.resolve_ip_for_localhost) unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
-    and with that setting it refuses to start a non-head node. Ray calls this hook after that
-    rewrite and before it starts the node: with 127.0.0.1 as its node address the raylet and its
-    agents listen on 127.0.0.1 only, like the head started with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0.
-    """
-    ray_params.node_ip_address = "127.0.0.1"

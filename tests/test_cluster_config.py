@@ -57,11 +57,9 @@ def load_cluster_yaml() -> dict:
 
 def ray_check(cfg: dict) -> dict:
     """What `ray up` does to the config before contacting the cloud."""
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from training.infra.compat import validate_cluster_config
 
-    prepared = prepare_config(copy.deepcopy(cfg))
-    validate_config(prepared)
-    return prepared
+    return validate_cluster_config(copy.deepcopy(cfg))
 
 
 def all_commands(cfg: dict) -> list[str]:

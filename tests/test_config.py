@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from conftest import PYTHON, REPO
 from training.config import SEARCH_SPACES_DIR, SMOKE_PRESET, config_from_dict, load_space, resolve_space_path
 from training.errors import ConfigError
 
@@ -67,6 +70,9 @@ def test_unknown_key_names_dotted_path(tmp_path):
         ("loss: {weights: {ce: 0.0}}", "loss.weights", "weight > 0"),
         ("data: {image_size: 100}", "data.image_size", "multiple of 32"),
         ("trainer: {amp: fp8}", "trainer.amp", "fp8"),
+        # YAML 1.1 booleans where a name is expected: the message says to quote them
+        ("scheduler: {name: off}", "scheduler.name", "(got False: YAML reads unquoted on/off/yes/no as booleans; quote the value, e.g. 'off')"),
+        ("model: {encoder_weights: yes}", "model.encoder_weights", "(got True: YAML reads unquoted on/off/yes/no as booleans; quote the value, e.g. 'on')"),
         ("folds: {n_splits: 3}\nsearch: {fold: 3}", "search.fold=3", "n_splits=3"),
         ("optimizer: {lr: {uniform: [0.1, 0.2], default: 0.5}}", "optimizer.lr", "default 0.5 is outside [0.1, 0.2]"),
         ("optimizer: {lr: {loguniform: [0, 0.2], default: 0.1}}", "optimizer.lr", "loguniform bounds must be > 0"),
@@ -87,6 +93,17 @@ def test_bad_value_is_one_line_naming_the_key(tmp_path, text, key, fragment):
     message = config_error(write(tmp_path, text + "\n"))
     assert f": {key}" in message, message
     assert fragment in message, message
+
+
+@pytest.mark.parametrize("text, amp", [("off", "off"), ("no", "off"), ("false", "off"), ("on", "auto"), ("yes", "auto"), ("'off'", "off"), ("bf16", "bf16")])
+def test_amp_switch_written_as_a_yaml_boolean(tmp_path, text, amp):
+    assert load_space(write(tmp_path, f"trainer: {{amp: {text}}}\n")).defaults.trainer.amp == amp
+
+
+def test_amp_boolean_in_a_searched_choice(tmp_path):
+    space = load_space(write(tmp_path, "trainer: {amp: {choice: [off, fp16], default: off}}\n"))
+    assert space.defaults.trainer.amp == "off"
+    assert space.resolve({"trainer.amp": "fp16"}).trainer.amp == "fp16"
 
 
 def test_missing_file_lists_known_spaces():
@@ -130,6 +147,43 @@ def test_shipped_spaces_load(name, smoke):
         assert cfg.search.scheduler.max_t <= 4
     else:
         assert cfg.data.image_size >= 256
+
+
+MAIN_ONLY = "(main config; checked before the --smoke overrides)"
+
+
+@pytest.mark.parametrize(
+    "text, key, fragment",
+    [
+        # each bad value is replaced by the smoke preset or the file's smoke block
+        ("model: {encoder: resnet1234}\nsmoke: {model: {encoder: resnet18}}", "model.encoder", "unknown encoder 'resnet1234'"),
+        ("model: {encoder: {choice: [resnet18, nonexistent_enc], default: resnet18}}\nsmoke: {model: {encoder: resnet18}}", "model.encoder", "nonexistent_enc"),
+        ("search: {num_samples: 0}", "search.num_samples", "greater than or equal to 1"),
+        ("data: {image_size: 100}", "data.image_size", "multiple of 32"),
+        ("trainer: {epochs: 0}", "trainer.epochs", "greater than or equal to 1"),
+    ],
+)
+def test_smoke_validates_the_main_config_first(tmp_path, text, key, fragment):
+    path = write(tmp_path, text + "\n")
+    message = config_error(path, smoke=True)
+    assert f": {key}" in message and fragment in message, message
+    assert message.endswith(MAIN_ONLY), message
+    assert f": {key}" in config_error(path)  # the same error a real run gives
+
+
+def test_smoke_block_errors_are_not_blamed_on_the_main_config(tmp_path):
+    message = config_error(write(tmp_path, "smoke: {trainer: {epochs: 0}}\n"), smoke=True)
+    assert ": trainer.epochs" in message and MAIN_ONLY not in message, message
+
+
+def test_smoke_space_keeps_the_main_space(tmp_path):
+    space = load_space("deeplab", smoke=True, overrides={"data.root": str(tmp_path)})
+    assert space.defaults.data.image_size == SMOKE_PRESET["data"]["image_size"]
+    main = space.main
+    assert main.defaults.data.image_size == load_space("deeplab").defaults.data.image_size > 64
+    assert main.defaults.data.root == str(tmp_path)  # the caller's overrides apply to both
+    assert "tu-efficientnet_b3" in main.distributions["model.encoder"].args
+    assert main.main is None and load_space("deeplab").main is None
 
 
 def test_smoke_block_applies_over_the_preset():
@@ -189,3 +243,23 @@ def test_cli_bad_config_prints_one_error_line(tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
     assert str(path) in lines[0] and "optimizer.lr" in lines[0]
     assert not out.exists()
+
+
+IMPORTED_BY_CONFIG = r"""
+import json, sys
+import training.config
+imported = set(sys.modules)
+training.config.load_space("deeplab")
+print(json.dumps({"import": sorted(imported), "validate": sorted(sys.modules)}))
+"""
+
+
+def test_config_does_not_import_the_models():
+    """config validates names against modeling/registry.py alone: no torch to import it, no models to validate."""
+    proc = subprocess.run([PYTHON, "-c", IMPORTED_BY_CONFIG], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    modules = json.loads(proc.stdout.strip().splitlines()[-1])
+    heavy = ("torch", "segmentation_models_pytorch", "timm", "training.modeling.models", "training.modeling.losses")
+    assert "training.modeling.registry" in modules["import"]
+    assert not [m for m in modules["import"] if m.split(".")[0] in heavy or m in heavy]
+    assert not [m for m in modules["validate"] if m.startswith(("training.modeling.models", "training.modeling.losses"))]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from pycocotools import mask as mask_utils
 
 from conftest import CAMVID, PYTHON, REPO, write_camvid_subset
 from training.config import load_space
-from training.data.coco import MaskCache, load_coco, rasterize
+from training.data.coco import MaskCache, load_coco, rasterize, read_image
 from training.data.dataset import prepare_data
 from training.errors import DataError
 
@@ -255,6 +257,160 @@ def test_image_size_differs_from_json(camvid_copy):
     coco = edit_json(camvid_copy, lambda c: c["images"][1].update(width=500))
     message = data_error(camvid_copy)
     assert f"image id {coco['images'][1]['id']}" in message and "500x360" in message
+
+
+def test_truncated_jpeg_with_end_marker_restored(camvid_copy):
+    """A third of a JPEG plus its end marker: cv2 decodes it with the rest grey, the check must not."""
+    coco = json.loads((camvid_copy / "train.json").read_text())
+    img = coco["images"][5]
+    path = camvid_copy / img["file_name"]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3] + b"\xff\xd9")
+    assert read_image(path).shape == (360, 480, 3)  # what training would have used
+    message = data_error(camvid_copy)
+    assert f"image id {img['id']}" in message and img["file_name"] in message and "corrupt" in message, message
+
+
+def png_chunk_starts(data: bytes) -> list[int]:
+    starts, pos = [], 8  # after the PNG signature
+    while pos < len(data):
+        starts.append(pos)
+        pos += 12 + struct.unpack(">I", data[pos : pos + 4])[0]  # length, type, data, crc
+    return starts
+
+
+@pytest.mark.parametrize("cut", ["mid-chunk", "chunk-boundary"])
+def test_truncated_png_with_end_chunk_restored(camvid_copy, cut):
+    coco = json.loads((camvid_copy / "train.json").read_text())
+    img = coco["images"][5]
+    png_name = img["file_name"].replace(".jpg", ".png")
+    path = camvid_copy / png_name
+    cv2.imwrite(str(path), cv2.imread(str(camvid_copy / img["file_name"])))
+    edit_json(camvid_copy, lambda c: c["images"][5].update(file_name=png_name))
+    load_coco(camvid_copy)  # the whole PNG passes
+    data = path.read_bytes()
+    third = len(data) // 3
+    end = third if cut == "mid-chunk" else next(s for s in png_chunk_starts(data) if s >= third)
+    path.write_bytes(data[:end] + data[-12:])  # data[-12:]: the IEND chunk
+    message = data_error(camvid_copy)
+    assert f"image id {img['id']}" in message and png_name in message and "corrupt" in message, message
+
+
+def test_exif_rotated_jpeg_is_checked_at_the_size_the_loader_sees(camvid_copy):
+    from PIL import Image
+
+    def keep_only_image_2(coco):  # its annotations would lie outside the turned image
+        coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] != coco["images"][2]["id"]]
+        coco["images"][2].update(width=360, height=480)
+
+    coco = edit_json(camvid_copy, keep_only_image_2)
+    img = coco["images"][2]
+    path = camvid_copy / img["file_name"]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to display
+    Image.open(CAMVID / img["file_name"]).save(path, "JPEG", exif=exif, quality=95)
+    assert read_image(path).shape == (480, 360, 3)
+    load_coco(camvid_copy)
+    edit_json(camvid_copy, lambda c: c["images"][2].update(width=480, height=360))
+    message = data_error(camvid_copy)
+    assert f"image id {img['id']}" in message and "image is 360x480 but the json says 480x360" in message, message
+
+
+# ---- images checked once ----------------------------------------------------------------
+
+
+def damage_in_place(path: Path) -> None:
+    """Zero the last two thirds of a file, keeping its size and mtime: only a decode can tell."""
+    stat = path.stat()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3] + bytes(len(data) - len(data) // 3))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_checked_images_are_recorded_and_not_decoded_again(camvid_copy, tmp_path):
+    cache = tmp_path / "cache"
+    index = load_coco(camvid_copy, cache_root=cache)
+    [record] = (cache / "checked").glob("*")
+    assert record.name.startswith(index.content_hash[:20]) and record.suffix == ".json"
+    stats = {img.file_name: index.image_path(img.id).stat() for img in index.images}
+    assert json.loads(record.read_text()) == {name: [st.st_size, st.st_mtime_ns] for name, st in stats.items()}
+
+    first, second = index.images[3], index.images[7]
+    damage_in_place(index.image_path(first.id))
+    load_coco(camvid_copy, cache_root=cache)  # size and mtime unchanged: not decoded again
+    # Any change of size or mtime is decoded again.
+    os.utime(index.image_path(first.id))
+    with pytest.raises(DataError, match=rf"image id {first.id} .*corrupt"):
+        load_coco(camvid_copy, cache_root=cache)
+    shutil.copyfile(CAMVID / first.file_name, index.image_path(first.id))
+    data = (CAMVID / second.file_name).read_bytes()
+    index.image_path(second.id).write_bytes(data[: len(data) // 3] + b"\xff\xd9")
+    with pytest.raises(DataError, match=rf"image id {second.id} .*corrupt"):
+        load_coco(camvid_copy, cache_root=cache)
+    assert not list((cache / "checked").glob("*.tmp"))
+
+
+def test_check_record_is_per_root_and_keeps_what_passed_before_a_failure(camvid_copy, tmp_path):
+    cache = tmp_path / "cache"
+    index = load_coco(camvid_copy, cache_root=cache)
+    # The same json over other files (a copy with the same sizes and mtimes) is checked on its own.
+    other = Path(shutil.copytree(camvid_copy, tmp_path / "other"))
+    last = index.images[-1]
+    damage_in_place(other / last.file_name)
+    with pytest.raises(DataError, match=rf"image id {last.id} .*corrupt"):
+        load_coco(other, cache_root=cache)
+    records = {p: json.loads(p.read_text()) for p in (cache / "checked").glob("*.json")}
+    assert len(records) == 2  # the images before the failing one are kept for the next run
+    assert sorted(len(r) for r in records.values()) == [len(index.images) - 1, len(index.images)]
+
+
+def test_unwritable_check_record_still_checks(camvid_copy, tmp_path):
+    not_a_dir = tmp_path / "cache"
+    not_a_dir.write_text("a file where the cache directory should be")
+    img = load_coco(camvid_copy, cache_root=not_a_dir).images[2]
+    damage_in_place(camvid_copy / img.file_name)
+    with pytest.raises(DataError, match=rf"image id {img.id} .*corrupt"):
+        load_coco(camvid_copy, cache_root=not_a_dir)
+
+
+def test_progress_lines_only_for_uncached_work(camvid_copy, tmp_path, capsys):
+    lines: list[str] = []  # capsys: stderr is no terminal, so progress writes plain lines to `log`
+    index = load_coco(camvid_copy, cache_root=tmp_path, log=lines.append)
+    MaskCache(index, tmp_path).build(log=lines.append)
+    assert any(line.startswith("checking images train.json: 12/12 img") for line in lines), lines
+    assert any(line.startswith("rasterising masks train.json: 12/12 img") for line in lines), lines
+    lines.clear()
+    index = load_coco(camvid_copy, cache_root=tmp_path, log=lines.append)
+    MaskCache(index, tmp_path).build(log=lines.append)
+    assert lines == []
+
+
+# ---- image paths stay inside the data root ------------------------------------------------
+
+
+@pytest.mark.parametrize("check_images", [True, False], ids=["checked", "unchecked"])
+def test_file_name_outside_the_root_is_refused(camvid_copy, tmp_path, check_images):
+    coco = json.loads((camvid_copy / "train.json").read_text())
+    img = coco["images"][3]
+    outside = tmp_path / "outside.jpg"  # camvid_copy is tmp_path / "camvid12"
+    shutil.copy(CAMVID / img["file_name"], outside)  # a valid image of the right size: only its place is wrong
+    for file_name in ("../outside.jpg", "images/train/../../../outside.jpg", str(outside)):
+        edit_json(camvid_copy, lambda c: c["images"][3].update(file_name=file_name))
+        with pytest.raises(DataError) as info:
+            load_coco(camvid_copy, check_images=check_images)
+        message = str(info.value)
+        assert "\n" not in message
+        for part in (str(camvid_copy / "train.json"), f"image id {img['id']}", repr(file_name), f"data root {camvid_copy}"):
+            assert part in message, (part, message)
+    assert "outside the data root" in data_error(camvid_copy)
+
+
+def test_symlinked_images_folder_and_inner_dots_stay_allowed(tmp_path):
+    root = write_camvid_subset(tmp_path / "linked", n_train=6)
+    assert (root / "images").is_symlink()
+    coco = edit_json(root, lambda c: c["images"][0].update(file_name="images/./train/../train/" + Path(c["images"][0]["file_name"]).name))
+    index = load_coco(root)
+    assert len(index.images) == 6 and index.image_path(coco["images"][0]["id"]).is_file()
 
 
 @pytest.mark.parametrize(

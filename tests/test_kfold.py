@@ -40,6 +40,7 @@ def write_best_configs(results: Path, root: Path, uri: str, exp_id: str, parent:
     """What tune/search.py writes, for two configs of the deeplab smoke space."""
     from training.config import load_space
     from training.data.dataset import prepare_data
+    from training.handoff import BestConfigs
 
     space = load_space("deeplab", smoke=True, overrides={"data.root": str(root)})
     entries = []
@@ -50,15 +51,14 @@ def write_best_configs(results: Path, root: Path, uri: str, exp_id: str, parent:
             "config": space.resolve(params).to_dict(),
         })
     manifest = prepare_data(space.defaults, log=lambda _: None).manifest
-    doc = {
-        "experiment": EXPERIMENT, "space": space.source, "smoke": True, "data_root": str(root),
-        "mlflow_tracking_uri": uri, "mlflow_experiment_id": exp_id, "search_parent_run_id": parent,
-        "metric": "val_miou", "fold": 0, "fold_manifest": str(manifest.path), "configs": entries,
-    }
+    doc = BestConfigs(
+        experiment=EXPERIMENT, space=space.source, smoke=True, data_root=str(root),
+        mlflow_tracking_uri=uri, mlflow_experiment_id=exp_id, search_parent_run_id=parent,
+        metric="val_miou", fold=0, fold_manifest=str(manifest.path), configs=entries,
+    )
     path = results / EXPERIMENT / "best_configs.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
+    return doc.write(path)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def env(tmp_path_factory):
     """Results root, tracking URI and a local Ray for this module; restored afterwards."""
     import ray
 
-    from training.kfold import connect_ray
+    from training.infra.ray import connect
 
     tmp = tmp_path_factory.mktemp("kfold")
     saved = {k: os.environ.get(k) for k in ("SEGTUNE_RESULTS", "MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
@@ -75,7 +75,7 @@ def env(tmp_path_factory):
     os.environ.pop("RAY_ADDRESS", None)
     started = not ray.is_initialized()  # another module may have left its local Ray up
     if started:
-        assert connect_ray(None, log=lambda _: None, num_cpus=2)  # the stage's own local start
+        assert connect(None, num_cpus=2, log=lambda _: None).started  # the stage's own local start
         # On loopback, not the machine's outward address (which Ray 2.x substitutes by default).
         addresses = (ray.util.get_node_ip_address(), [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]])
         if addresses != ("127.0.0.1", ["127.0.0.1"]):
@@ -93,23 +93,26 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(env):
+    from mlflow.tracking import MlflowClient
+
     from training.engine.trainer import train
-    from training.kfold import KFoldOptions, build_candidates, load_best_configs, prepare_kfold_data, run_kfold
-    from training.tracking import Tracker
+    from training.handoff import BestConfigs
+    from training.stages.kfold.plan import KFoldOptions, build_candidates, prepare_kfold_data
+    from training.stages.kfold.stage import run_kfold
 
     root = write_camvid_subset(env / "camvid", N_TRAIN, N_TEST)
     uri = f"sqlite:///{env / 'mlflow.db'}"
-    tracker = Tracker(uri)
-    exp_id = tracker.experiment_id(EXPERIMENT)
-    search_parent = tracker.start_run(exp_id, "search", {"segtune.stage": "search"})
-    tracker.end_run(search_parent)
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment(EXPERIMENT)
+    search_parent = client.create_run(exp_id, tags={"segtune.role": "search"}, run_name="search").info.run_id
+    client.set_terminated(search_parent)
     best_path = write_best_configs(env / "results", root, uri, exp_id, search_parent)
 
     # A crash of config 1 / fold 0 after its first epoch, with the config the stage trains.
     options = KFoldOptions(experiment=EXPERIMENT, top_k=2, smoke=True, resume=True)
-    best = load_best_configs(best_path)
-    cand = build_candidates(best, options)[0]
-    data = prepare_kfold_data(cand.cfg, best, log=lambda _: None)
+    best, cfgs = BestConfigs.load(best_path)
+    cand = build_candidates(best, cfgs, options, best_path)[0]
+    data = prepare_kfold_data(cand.cfg, best, best_path, log=lambda _: None)
     crashed = best_path.parent / "kfold" / "1" / "fold0"
 
     def crash(result):
@@ -231,7 +234,7 @@ def test_submission_row_is_the_ensemble_mask_resized_nearest(runs):
 
     from training.data.coco import load_coco, read_image
     from training.data.transforms import normalize_images
-    from training.evaluation.predict import InputSpec, load_member
+    from training.evaluation.members import InputSpec, load_member
     from training.evaluation.submission import iter_submission
 
     s = runs.summary1
@@ -272,25 +275,25 @@ def test_mlflow_lineage(runs):
 
     client = MlflowClient(runs.uri)
     all_runs = client.search_runs([runs.exp_id], max_results=1000)
-    parents = [r for r in all_runs if r.data.tags.get("segtune.stage") == "kfold"]
+    parents = [r for r in all_runs if r.data.tags.get("segtune.role") == "kfold"]
     assert len(parents) == 1, "the second run must reuse the kfold parent"
     parent = parents[0]
-    assert parent.data.tags["search_parent_run_id"] == runs.search_parent
+    assert parent.data.tags["segtune.upstream_run_id"] == runs.search_parent
     assert parent.info.status == "FINISHED"
     assert {"oof_miou_rank1", "oof_miou_rank2", "ensemble_oof_miou"} <= set(parent.data.metrics)
 
     children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    folds = [r for r in children if r.data.tags.get("segtune.stage") == "kfold_fold"]
+    folds = [r for r in children if r.data.tags.get("segtune.role") == "kfold_fold"]
     assert len(folds) == 10, "one child per (config, fold), no duplicates after the second run"
     seen = set()
     for r in folds:
-        rank, fold = int(r.data.tags["config_rank"]), int(r.data.tags["fold"])
+        rank, fold = int(r.data.tags["segtune.config_rank"]), int(r.data.tags["segtune.fold"])
         seen.add((rank, fold))
-        assert r.data.tags["trial_id"] == f"trial_{rank}"
+        assert r.data.tags["segtune.trial_id"] == f"trial_{rank}"
         assert r.info.status == "FINISHED"
-        assert r.data.tags["checkpoint"].endswith(f"kfold/{rank}/fold{fold}/best.pt")
+        assert r.data.tags["segtune.checkpoint"].endswith(f"kfold/{rank}/fold{fold}/best.pt")
         artifacts = {a.path: a for a in client.list_artifacts(r.info.run_id)}
-        assert artifacts["best.pt"].file_size == os.path.getsize(r.data.tags["checkpoint"]) > 0, (rank, fold)
+        assert artifacts["best.pt"].file_size == os.path.getsize(r.data.tags["segtune.checkpoint"]) > 0, (rank, fold)
         epochs = CONFIGS[rank - 1][1]
         history = client.get_metric_history(r.info.run_id, "val_miou")
         assert sorted(m.step for m in history) == list(range(1, epochs + 1)), (rank, fold)
@@ -300,14 +303,14 @@ def test_mlflow_lineage(runs):
     # Live: epoch 1 of a 2-epoch fold reached MLflow while epoch 2 was still training (a log
     # written only when the task ended would be stamped within milliseconds of the run's end).
     for r in folds:
-        rank, fold = int(r.data.tags["config_rank"]), int(r.data.tags["fold"])
+        rank, fold = int(r.data.tags["segtune.config_rank"]), int(r.data.tags["segtune.fold"])
         if rank != 1 or fold == 0:  # fold 0's epoch 1 predates the crash and is backfilled
             continue
         epoch2_s = json.loads((runs.kfold / "1" / f"fold{fold}" / "metrics.json").read_text())["history"][1]["epoch_seconds"]
         logged_1 = {m.step: m.timestamp for m in client.get_metric_history(r.info.run_id, "val_miou")}[1]
         assert r.info.end_time - logged_1 >= 500 * epoch2_s, (fold, r.info.end_time - logged_1, epoch2_s)
 
-    ensembles = [r for r in children if r.data.tags.get("segtune.stage") == "kfold_ensemble"]
+    ensembles = [r for r in children if r.data.tags.get("segtune.role") == "kfold_ensemble"]
     assert len(ensembles) == 1
     ens = ensembles[0]
     assert ens.data.metrics["oof_miou"] == pytest.approx(runs.summary1["ensemble"]["oof_miou"])

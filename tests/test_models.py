@@ -13,9 +13,11 @@ from safetensors.torch import save_file
 
 from conftest import PYTHON, REPO
 from training.config import ModelConfig, load_space
-from training.engine.trainer import load_checkpoint
+from training.engine.checkpoint import load as load_checkpoint
 from training.errors import ConfigError, WeightsNotFoundError
+from training.modeling.losses import LOSSES
 from training.modeling.models import ARCHITECTURES, arch_spec, build_model
+from training.modeling.registry import ARCH_TABLE, LOSS_TERMS
 
 NUM_CLASSES = 5
 
@@ -49,6 +51,14 @@ def test_small_inputs_refused_for_pan():
     with pytest.raises(ConfigError, match="model.arch=PAN needs at least 128"):
         load_space("deeplab", smoke=True, overrides={"model.arch": "PAN"})
     assert load_space("deeplab", overrides={"model.arch": "PAN"}).defaults.model.arch == "PAN"
+
+
+def test_models_and_losses_are_the_registry_names():
+    """The config validates against the registry: every name it accepts must build."""
+    assert [(s.name, s.cls, s.divisor, s.min_size) for s in ARCHITECTURES.values()] == [
+        (info.name, getattr(smp, info.smp_class), info.divisor, info.min_size) for info in ARCH_TABLE
+    ]
+    assert set(LOSSES) == set(LOSS_TERMS)
 
 
 def test_arch_names_are_case_insensitive():

@@ -14,7 +14,7 @@ in which `ray start` refuses to start a non-head node. So:
   interfaces);
 * the second `ray start` runs with the multi-node guard on (=1), joins through
   [::ffff:127.0.0.1]:PORT (the head's GCS socket, in a form Ray does not rewrite), and
-  RAY_START_HOOK=services.ray_start_on_loopback sets its node address back to 127.0.0.1 after
+  RAY_START_HOOK=training.infra.compat.ray_start_on_loopback sets its node address back to 127.0.0.1 after
   Ray's rewrite.
 The test checks the result: both nodes report 127.0.0.1 and every TCP socket that the nodes, their
 workers and the search driver listen on is a loopback address.
@@ -46,8 +46,7 @@ COMMON = ["--object-store-memory=100000000", "--disable-usage-stats", "--block"]
 
 def start_worker_node(port: int, env: dict, log, temp_dir: Path) -> subprocess.Popen:
     """The second node, on 127.0.0.1 (see the module docstring)."""
-    node_env = dict(env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1", RAY_START_HOOK="services.ray_start_on_loopback",
-                    PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "tests"), env.get("PYTHONPATH")])))
+    node_env = dict(env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1", RAY_START_HOOK="training.infra.compat.ray_start_on_loopback")
     return subprocess.Popen([RAY, "start", f"--address=[::ffff:127.0.0.1]:{port}", '--resources={"node2": 1}', f"--temp-dir={temp_dir}", "--num-cpus=1", *COMMON],
                             env=node_env, stdout=log, stderr=subprocess.STDOUT)
 

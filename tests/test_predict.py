@@ -11,19 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from training.evaluation.predict import (
-    TTA,
-    Member,
-    MultiInputTransform,
-    SubsetScorer,
-    assign_inputs,
-    greedy_select,
-    hard_vote,
-    iter_predictions,
-    predict_proba,
-    soft_vote,
-    vote,
-)
+from training.evaluation.inference import iter_predictions, predict_proba
+from training.evaluation.members import Member, MultiInputTransform, assign_inputs
+from training.evaluation.selection import SubsetScorer, greedy_select
+from training.evaluation.tta import TTA
+from training.evaluation.vote import hard_vote, soft_vote, vote
 from training.evaluation.submission import HEADER, SubmissionWriter, check_submission, iter_submission, write_submission
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -39,7 +31,7 @@ def camvid_batch(camvid_small):
     cfg = space.resolve({"model.encoder": "mobilenet_v2"})
     index = load_coco(camvid_small, "train.json")
     from training.data.dataset import ImageDataset
-    from training.evaluation.predict import InputSpec
+    from training.evaluation.members import InputSpec
 
     from training.data.transforms import normalize_images
 

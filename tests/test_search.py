@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import pickle
 import signal
 import subprocess
 import tempfile
@@ -102,11 +101,11 @@ def events(trial_dir: Path) -> list[tuple[float, str, dict[str, str]]]:
     return out
 
 
-def newest_study(tune_dir: Path):
-    # one file per session, named by its start time; Tune's final sync rewrites all of them
-    newest = max(tune_dir.glob("searcher-state-*.pkl"), key=lambda p: p.name)
-    with open(newest, "rb") as f:
-        return pickle.load(f)["_ot_study"]
+def stored_study(results_dir: Path):
+    """The search's Optuna study, read from its storage file (results/<experiment>/optuna_study.log)."""
+    from tune.space import load_study
+
+    return load_study(results_dir, results_dir.name)
 
 
 def tail(path: Path, n: int = 60) -> str:
@@ -239,7 +238,7 @@ def test_mlflow_parent_and_child_runs_agree_with_leaderboard(smoke):
         assert run.info.run_id == row["mlflow_run_id"]
         assert run.data.tags["segtune.status"] == row["status"]
         assert run.data.tags["segtune.fold"] == "0"
-        assert run.data.tags["segtune.best_checkpoint"] == row["checkpoint"]
+        assert run.data.tags["segtune.checkpoint"] == row["checkpoint"]
         assert set(run.data.params) == {k for k in row if "." in k and k != "mlflow_run_id"}
         assert float(run.data.params["optimizer.lr"]) == pytest.approx(float(row["optimizer.lr"]), rel=1e-4)
         history = client.get_metric_history(run.info.run_id, "val_miou")
@@ -276,8 +275,14 @@ def test_optuna_study_holds_every_trial_with_bounded_startup(smoke):
     from tune.space import random_draws
 
     assert smoke.rc == 0, tail(smoke.log)
-    study = newest_study(smoke.tune_dir)
+    study = stored_study(smoke.dir)
     assert len(study.trials) == SMOKE_TRIALS
+    # the space's defaults are the first trial evaluated
+    from training.config import load_space
+    from tune.space import default_point
+
+    space = load_space("deeplab", smoke=True, overrides={"data.root": str(smoke.data)})
+    assert study.trials[0].params == default_point(space)
     # with 2 trials at once TPE alone would draw 4 at random (it counts finished trials only)
     assert len(random_draws(study, SMOKE_STARTUP)) <= SMOKE_STARTUP
     # every trial, ASHA-stopped ones included, was told to Optuna with its last val mIoU
@@ -309,39 +314,48 @@ def _drive_searcher(search_alg, n_trials: int, concurrency: int) -> None:
         search_alg.on_trial_complete(done, result={"val_miou": 0.5, "training_iteration": 1})
 
 
-def test_startup_gate_bounds_random_draws():
+def _gate(tmp_path: Path, name: str, max_concurrent: int = 4, n_startup: int = 3):
     import optuna
+    from ray.tune.search.optuna import OptunaSearch
 
-    from training.config import SearchConfig
-    from tune.space import build_search_alg, optuna_study, random_draws
+    from tune.space import StartupGate, study_storage
 
-    search = SearchConfig(num_samples=12, max_concurrent=4, n_startup_trials=3, seed=1)
-    gated = build_search_alg(search)
-    _drive_searcher(gated, 12, 4)
-    assert len(optuna_study(gated).trials) == 12
-    assert len(random_draws(optuna_study(gated), 3)) == 3
+    sampler = optuna.samplers.TPESampler(n_startup_trials=n_startup, seed=1, constant_liar=True)
+    searcher = OptunaSearch(sampler=sampler, study_name=name, storage=study_storage(tmp_path))
+    return StartupGate(searcher, max_concurrent, n_startup, str(tmp_path), name)
 
+
+def test_startup_gate_bounds_random_draws(tmp_path):
+    import optuna
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
+    from tune.space import load_study, random_draws, study_storage
+
+    _drive_searcher(_gate(tmp_path, "gated"), 12, 4)
+    gated = load_study(tmp_path, "gated")
+    assert len(gated.trials) == 12
+    assert len(random_draws(gated, 3)) == 3
+
     sampler = optuna.samplers.TPESampler(n_startup_trials=3, seed=1, constant_liar=True)
-    plain = ConcurrencyLimiter(OptunaSearch(sampler=sampler), 4)
+    plain = ConcurrencyLimiter(OptunaSearch(sampler=sampler, study_name="plain", storage=study_storage(tmp_path)), 4)
     _drive_searcher(plain, 12, 4)
-    assert len(random_draws(optuna_study(plain), 3)) > 3  # what the gate prevents
+    assert len(random_draws(load_study(tmp_path, "plain"), 3)) > 3  # what the gate prevents
 
 
-def test_resume_guard_refuses_a_searcher_without_history(tmp_path):
-    from training.config import SearchConfig
-    from tune.space import ResumeError, build_search_alg
+def test_a_new_searcher_continues_the_stored_study(tmp_path):
+    """The study lives in its storage file: a searcher built afresh (as if Tune had lost its
+    pickled state) picks up every earlier trial instead of restarting TPE at random."""
+    from tune.space import load_study, random_draws
 
-    state = tmp_path / "search_state.json"
-    state.write_text(json.dumps({"resume": {"trials_before": 4}}))
-    gate = build_search_alg(SearchConfig(), state)  # as if Tune's restore had silently failed
-    from ray import tune
-
-    gate.set_search_properties("val_miou", "max", {"x": tune.uniform(0.0, 1.0)})
-    with pytest.raises(ResumeError, match="4 earlier trials"):
-        gate.suggest("t0")
+    _drive_searcher(_gate(tmp_path, "study"), 6, 2)
+    before = load_study(tmp_path, "study")
+    best_before = before.best_value
+    _drive_searcher(_gate(tmp_path, "study"), 4, 2)
+    after = load_study(tmp_path, "study")
+    assert len(after.trials) == 10 and after.trials[0].params == before.trials[0].params
+    assert after.best_value >= best_before
+    assert len(random_draws(after, 3)) == 3  # the second searcher drew nothing more at random
 
 
 # ---- input errors: one line, before Ray starts -------------------------------------------------
@@ -400,7 +414,7 @@ def test_resume_after_the_driver_is_killed(tmp_path):
             while time.time() < deadline and first.poll() is None:
                 if sum(row["status"] in FINISHED for row in read_leaderboard(exp / "leaderboard.csv")) >= 2:
                     # Killed at once: Tune's own state (saved every 2 s, copied in the background)
-                    # most likely still shows the last of them running; tune/endings.py must
+                    # most likely still shows the last of them running; tune/resume.py must
                     # keep the resume from training it again.
                     break
                 time.sleep(0.2)
@@ -417,10 +431,14 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     assert len(finished_before) >= 2
     starts_before = {d.name: sum(kind == "start" for _, kind, _ in events(d)) for d in (exp / "tune").glob("trial_*")}
     # Trials that started and ended between two of Tune's state saves: the resumed Tune never
-    # sees them, tune/endings.py keeps them on the leaderboard (usually none).
+    # sees them, tune/resume.py keeps them on the leaderboard (usually none).
     from ray.tune import ExperimentAnalysis
 
     unknown_to_tune = set(finished_before) - {t.trial_id for t in ExperimentAnalysis(str(exp / "tune")).trials}
+    # The Optuna study as its storage file holds it after the kill: the resume must reload exactly this.
+    study_before = stored_study(exp)
+    best_before = max(t.value for t in study_before.trials if t.value is not None)
+    params_before = [t.params for t in study_before.trials]
 
     with open(second_log, "w") as out:
         second = subprocess.run(search_cmd("--resume", "--experiment", "resume"), cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=600)
@@ -436,17 +454,23 @@ def test_resume_after_the_driver_is_killed(tmp_path):
         now = next(r for r in after if r["trial_id"] == trial_id)
         assert (now["status"], now["best_val_miou"], now["mlflow_run_id"]) == (row["status"], row["best_val_miou"], row["mlflow_run_id"])
 
-    # the Optuna history came back: the pre-crash trials are the study's first trials, and the
-    # start-up bound held across the restart (a fresh study would have drawn at random again)
-    study = newest_study(exp / "tune")
-    assert len(study.trials) == RESUME_TRIALS
+    # the Optuna study came back from its storage file (same trial count and best value as before
+    # the resume), the pre-crash trials are the study's first trials, and the start-up bound held
+    # across the restart (a fresh study would have drawn at random again)
+    import optuna
+
+    reloaded = [line for line in tail(second_log, 2000).splitlines() if line.startswith("optuna: study 'resume' reloaded from")]
+    assert reloaded and f": {len(params_before)} trials, best val_miou {best_before:.6f}" in reloaded[0], reloaded
+    study = stored_study(exp)
+    assert [t.params for t in study.trials[: len(params_before)]] == params_before
+    kept = [t for t in study.trials if t.state != optuna.trial.TrialState.FAIL]  # FAIL: asked just before the kill, unknown to Tune
+    assert len(kept) == len(after)
     params_of = {json.dumps(t.params, sort_keys=True) for t in study.trials}
     for row in after:
         if row["trial_id"] not in unknown_to_tune:
             params = json.loads((exp / "tune" / f"trial_{row['trial_id']}" / "params.json").read_text())
             assert json.dumps(params, sort_keys=True) in params_of
     assert len(random_draws(study, SMOKE_STARTUP)) <= SMOKE_STARTUP
-    assert "fresh random search" not in tail(second_log, 400)
 
     state = json.loads((exp / "search_state.json").read_text())
     assert [s["resume"] for s in state["sessions"]] == [False, True] and state["status"] == "finished"

@@ -44,7 +44,8 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
 
 @pytest.fixture(scope="module")
 def served_search(tmp_path_factory):
-    """A smoke search against `mlflow server`; the server is stopped mid-search, then restarted."""
+    """A smoke search against `mlflow server`; the server is stopped mid-search and stays down past the
+    search's end (beyond its grace period), then comes back and `--sync-mlflow` sends what was kept."""
     from mlflow.tracking import MlflowClient
 
     root = tmp_path_factory.mktemp("service")
@@ -57,9 +58,10 @@ def served_search(tmp_path_factory):
     server = start_mlflow_server(backend, root / "mlartifacts", port, server_log)
     log = root / "search.log"
     cmd = [PYTHON, "tune/search.py", "--space", "deeplab", "--smoke", "--data", str(data), "--experiment", "svc", "--mlflow-uri", uri]
+    env = search_env(results, ray_tmp, SEGTUNE_MLFLOW_GRACE_S="3")
     outage = {}
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=search_env(results, ray_tmp), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             client = MlflowClient(uri)
             state_file = results / "svc" / "search_state.json"
@@ -68,26 +70,27 @@ def served_search(tmp_path_factory):
                 if not state_file.is_file():
                     return None
                 mlflow_state = json.loads(state_file.read_text())["mlflow"]
+                if not mlflow_state.get("parent_run_id"):
+                    return None
                 runs = child_runs(client, mlflow_state["experiment_id"], mlflow_state["parent_run_id"])
                 return runs if any("val_miou" in r.data.metrics for r in runs) else None
 
             wait_for(logged_epochs, 300, "the first epoch in MLflow", proc, log)
-            stop_process_group(server)  # the outage: the tracking server is gone mid-search
             outage["stopped_at"] = time.time()
-            leaderboard = results / "svc" / "leaderboard.csv"
-            done_before = len(read_leaderboard(leaderboard)) if leaderboard.is_file() else 0
-            # training goes on: more trials finish while MLflow is down
-            wait_for(lambda: leaderboard.is_file() and len(read_leaderboard(leaderboard)) > done_before, 300,
-                     "a trial to finish during the outage", proc, log)
-            outage["trials_finished_during"] = len(read_leaderboard(leaderboard)) - done_before
-            server = start_mlflow_server(backend, root / "mlartifacts", port, server_log)
+            stop_process_group(server)  # the outage: the tracking server is gone mid-search, until after it ends
             proc.wait(timeout=600)
+            endings = json.loads((results / "svc" / "trial_endings.json").read_text())
+            outage["trials_finished_during"] = sum(e["ended"] > outage["stopped_at"] for e in endings.values())
         finally:
             if proc.poll() is None:
                 proc.kill()
             stop_ray_processes(ray_tmp)
+    outbox = results / "svc" / "mlflow_outbox.jsonl"
+    outage["outbox_lines"] = len(outbox.read_text().splitlines()) if outbox.is_file() else 0
+    server = start_mlflow_server(backend, root / "mlartifacts", port, server_log)
+    sync = subprocess.run([PYTHON, "tune/search.py", "--sync-mlflow", "--experiment", "svc"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     try:
-        yield SimpleNamespace(rc=proc.returncode, log=log, results=results / "svc", uri=uri, backend=backend, outage=outage, root=root)
+        yield SimpleNamespace(rc=proc.returncode, log=log, results=results / "svc", uri=uri, backend=backend, outage=outage, root=root, sync=sync)
     finally:
         stop_process_group(server)
 
@@ -99,20 +102,26 @@ def test_mlflow_outage_does_not_stop_training(served_search):
     assert served_search.outage["trials_finished_during"] >= 1
     rows = read_leaderboard(served_search.results / "leaderboard.csv")
     assert len(rows) == 6 and all(r["status"] in ("completed", "stopped by ASHA") for r in rows)
+    # Beyond the grace period: what could not be sent is kept on disk, not dropped.
+    assert "could not be sent" in out and "mlflow_outbox.jsonl" in out and served_search.outage["outbox_lines"] > 0
 
 
 def test_mlflow_has_every_trial_after_the_server_came_back(served_search):
     from mlflow.tracking import MlflowClient
 
+    assert served_search.sync.returncode == 0, served_search.sync.stdout[-2000:] + served_search.sync.stderr[-2000:]
+    assert "mlflow: sent" in served_search.sync.stdout
     client = MlflowClient(served_search.uri)
     state = json.loads((served_search.results / "search_state.json").read_text())["mlflow"]
     runs = child_runs(client, state["experiment_id"], state["parent_run_id"])
     rows = {r["trial_id"]: r for r in read_leaderboard(served_search.results / "leaderboard.csv")}
     assert sorted(r.data.tags["segtune.trial_id"] for r in runs) == sorted(rows)
+    assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
     for run in runs:
         row = rows[run.data.tags["segtune.trial_id"]]
+        assert run.info.status == "FINISHED", (row["trial_id"], run.info.status)  # never left RUNNING
         history = client.get_metric_history(run.info.run_id, "val_miou")
-        assert len(history) == int(row["epochs_trained"])  # queued epochs were replayed, none twice
+        assert len(history) == int(row["epochs_trained"])  # queued epochs were sent, none twice
         assert max(m.value for m in history) == pytest.approx(float(row["best_val_miou"]), abs=1e-6)
 
 

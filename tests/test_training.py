@@ -19,10 +19,12 @@ from torch import nn
 from conftest import PYTHON, REPO, write_camvid_subset
 from training.config import load_space
 from training.data.dataset import make_datasets, prepare_data
+from training.engine.checkpoint import load as load_checkpoint
 from training.engine.trainer import (BEST, LAST, METRICS, Trainer, build_optimizer, build_scheduler,
-                                     evaluate_untrained, load_checkpoint, train)
+                                     evaluate_untrained, train)
 from training.errors import NonFiniteLossError, SegtuneError, WeightsNotFoundError
 from training.evaluation.metrics import ConfusionMatrix, SegScores, resize_logits
+from training.evaluation.tta import autocast
 from training.modeling.losses import LossMix
 from training.modeling.models import build_model
 
@@ -205,7 +207,7 @@ def test_bf16_autocast_keeps_loss_in_fp32(camvid16, data16, tmp_path):
     assert trainer.dtype == torch.bfloat16
     images, masks, _ = next(iter(trainer.train_loader))
     masks = masks.long()
-    with trainer._autocast():
+    with autocast(trainer.device, trainer.dtype):  # the trainer's own autocast
         logits = trainer.model(trainer._model_input(images))
         loss, parts = trainer.loss_fn(logits, masks)
     assert logits.dtype == torch.bfloat16  # the model really ran in bf16
@@ -235,11 +237,11 @@ def test_loss_mix_is_the_weighted_sum_of_its_terms(camvid16, data16, ignore_inde
     ignore = -100 if ignore_index is None else ignore_index
     direct = {
         "ce": nn.functional.cross_entropy(logits, masks, ignore_index=ignore),
-        "soft_ce": smp_losses.SoftCrossEntropyLoss(smooth_factor=0.2, ignore_index=ignore)(logits, masks),
+        "soft_ce": nn.functional.cross_entropy(logits, masks, ignore_index=ignore, label_smoothing=0.2),
         "dice": smp_losses.DiceLoss("multiclass", ignore_index=ignore_index)(logits, masks),
         "focal": smp_losses.FocalLoss("multiclass", gamma=1.5, ignore_index=ignore_index)(logits, masks),
         "lovasz": smp_losses.LovaszLoss("multiclass", ignore_index=ignore_index)(logits, masks),
-        "jaccard": smp_losses.JaccardLoss("multiclass")(logits, masks),
+        "jaccard": smp_losses.JaccardLoss("multiclass", ignore_index=ignore_index)(logits, masks),
         "tversky": smp_losses.TverskyLoss("multiclass", ignore_index=ignore_index)(logits, masks),
     }
     total, parts = LossMix(cfg.loss)(logits, masks)
@@ -247,9 +249,33 @@ def test_loss_mix_is_the_weighted_sum_of_its_terms(camvid16, data16, ignore_inde
     for name, value in direct.items():
         torch.testing.assert_close(parts[name], value, msg=name)
     torch.testing.assert_close(total, sum(weights[name] * value for name, value in direct.items()))
-    if ignore_index is None:  # soft_ce is label-smoothed cross entropy, not plain ce
-        torch.testing.assert_close(parts["soft_ce"], nn.functional.cross_entropy(logits, masks, label_smoothing=0.2))
+    if ignore_index is None:  # soft_ce is smp's label-smoothed cross entropy, not plain ce
+        torch.testing.assert_close(parts["soft_ce"], smp_losses.SoftCrossEntropyLoss(smooth_factor=0.2)(logits, masks))
         assert not torch.allclose(parts["soft_ce"], parts["ce"])
+
+
+def test_ignored_pixels_count_in_no_loss_term(camvid16, data16):
+    """Every term on a mask with an ignored (255) region equals the term on the other pixels alone."""
+    from segmentation_models_pytorch import losses as smp_losses
+
+    weights = {"ce": 1.0, "soft_ce": 0.7, "dice": 0.5, "focal": 0.3, "lovasz": 0.2, "jaccard": 0.15, "tversky": 0.1}
+    masks = real_masks(data16, 64)
+    masks[:, :24, :40] = 255  # e.g. an unlabelled border
+    keep = masks != 255
+    assert 0 < keep.sum() < masks.numel()
+    logits = 3 * torch.randn(2, len(data16.classes), 64, 64, generator=torch.Generator().manual_seed(1))
+    cfg = smoke_cfg(camvid16, **{"loss.weights": weights, "loss.ignore_index": 255})
+    total, parts = LossMix(cfg.loss)(logits, masks)
+    # the kept pixels as one 1 x K image, scored without ignore_index
+    kept_logits = logits.permute(0, 2, 3, 1)[keep].T[None, :, :, None]
+    kept_masks = masks[keep][None, :, None]
+    kept_total, kept_parts = LossMix(smoke_cfg(camvid16, **{"loss.weights": weights}).loss)(kept_logits, kept_masks)
+    for name in weights:
+        torch.testing.assert_close(parts[name], kept_parts[name], msg=name)
+    torch.testing.assert_close(total, kept_total)
+    # smp's SoftCrossEntropyLoss divides by all pixels, ignored ones included
+    smp_soft_ce = smp_losses.SoftCrossEntropyLoss(smooth_factor=cfg.loss.smooth_factor, ignore_index=255)(logits, masks)
+    torch.testing.assert_close(smp_soft_ce, parts["soft_ce"] * keep.float().mean())
 
 
 def test_loss_terms_run_in_fp32_under_fp16_autocast(camvid16, data16):

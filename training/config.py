@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from training.errors import ConfigError
+from training.modeling.registry import LOSS_TERMS, arch_info, check_model_field
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SEARCH_SPACES_DIR = REPO_ROOT / "search_spaces"
@@ -90,8 +91,6 @@ class ModelConfig(_Strict):
     @field_validator("arch", "encoder", "encoder_weights")
     @classmethod
     def _known(cls, value: str | None, info: ValidationInfo) -> str | None:
-        from training.modeling.models import check_model_field
-
         check_model_field(info.field_name, value)  # a field validator, so errors name model.<field>
         return value
 
@@ -105,11 +104,9 @@ class LossConfig(_Strict):
     @field_validator("weights")
     @classmethod
     def _known(cls, weights: dict[str, float]) -> dict[str, float]:
-        from training.modeling.losses import LOSSES
-
         for name, weight in weights.items():
-            if name not in LOSSES:
-                raise ValueError(f"unknown loss term {name!r}; known: {sorted(LOSSES)}")
+            if name not in LOSS_TERMS:
+                raise ValueError(f"unknown loss term {name!r}; known: {sorted(LOSS_TERMS)}")
             if weight < 0 or not math.isfinite(weight):
                 raise ValueError(f"weight of {name!r} must be a finite number >= 0, got {weight}")
         if sum(weights.values()) <= 0:
@@ -141,6 +138,14 @@ class TrainerConfig(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     overlays: int = Field(4, ge=0)  # prediction overlays saved with the best checkpoint
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_switch(cls, value: Any) -> Any:
+        """YAML 1.1 reads unquoted off/on/no/yes as booleans: take them as the switch they mean."""
+        if isinstance(value, bool):
+            return "auto" if value else "off"
+        return value
 
 
 class ASHAConfig(_Strict):
@@ -187,9 +192,7 @@ class Config(_Strict):
     def _cross_checks(self) -> "Config":
         if self.search.fold >= self.folds.n_splits:
             raise ValueError(f"search.fold={self.search.fold} but folds.n_splits={self.folds.n_splits}")
-        from training.modeling.models import arch_spec
-
-        min_size = arch_spec(self.model.arch).min_size
+        min_size = arch_info(self.model.arch).min_size
         if self.data.image_size < min_size:
             raise ValueError(f"data.image_size={self.data.image_size} but model.arch={self.model.arch} needs at least {min_size}")
         return self
@@ -322,6 +325,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
+    elif isinstance(first.get("input"), bool) and first["type"] in ("literal_error", "string_type"):
+        quoted = "'on'" if first["input"] else "'off'"
+        msg = f"{msg} (got {first['input']!r}: YAML reads unquoted on/off/yes/no as booleans; quote the value, e.g. {quoted})"
     elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
         msg = f"{msg} (got {first['input']!r})"
     more = len(err.errors()) - 1
@@ -345,6 +351,7 @@ class SearchSpace:
     def __init__(self, raw: dict[str, Any], source: str, name: str):
         self.source = source
         self.name = name
+        self.main: SearchSpace | None = None  # a --smoke space: the file without its smoke overrides
         self.distributions: dict[str, Distribution] = {}
         self.template = _collect(raw, "", source, self.distributions)
         self.template.setdefault("name", name)
@@ -396,21 +403,35 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
+def _space_with_overrides(raw: dict[str, Any], path: Path, overrides: dict[str, Any] | None) -> SearchSpace:
+    """The space of `raw` (left unchanged) with the caller's dotted-key overrides set."""
+    tree = copy.deepcopy(raw)
+    for dotted, value in (overrides or {}).items():
+        set_path(tree, dotted, value)
+    return SearchSpace(tree, str(path), name=tree.get("name") or path.stem)
+
+
 def load_space(name_or_path: str | Path, smoke: bool = False, overrides: dict[str, Any] | None = None) -> SearchSpace:
     """Read, merge (smoke preset, the file's `smoke:` block, CLI overrides) and validate a config file.
 
     `overrides` maps dotted keys to fixed values (e.g. {"data.root": "/data"}); it wins over everything.
+    With `smoke`, the file is first validated without the smoke overrides (kept as `space.main`),
+    so a smoke run cannot pass on a config the real run would refuse.
     """
     path = resolve_space_path(name_or_path)
     raw = read_yaml(path)
     smoke_block = raw.pop("smoke", None) or {}
     if not isinstance(smoke_block, dict):
         raise ConfigError(f"{path}: smoke: must be a mapping of config overrides")
-    if smoke:
-        raw = deep_merge(deep_merge(raw, SMOKE_PRESET), smoke_block)
-    for dotted, value in (overrides or {}).items():
-        set_path(raw, dotted, value)
-    return SearchSpace(raw, str(path), name=raw.get("name") or path.stem)
+    if not smoke:
+        return _space_with_overrides(raw, path, overrides)
+    try:
+        main = _space_with_overrides(raw, path, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{err} (main config; checked before the --smoke overrides)") from None
+    space = _space_with_overrides(deep_merge(deep_merge(raw, SMOKE_PRESET), smoke_block), path, overrides)
+    space.main = main
+    return space
 
 
 def config_from_dict(tree: dict[str, Any], source: str = "<config>") -> Config:

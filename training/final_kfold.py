@@ -2,7 +2,7 @@
 
     python training/final_kfold.py [--experiment NAME] [--top-k K] [--data DIR] [--epochs N]
         [--tta flip,scale] [--scales 0.75,1.0,1.25] [--vote soft|hard] [--png] [--smoke]
-        [--resume] [--address ADDR] [--mlflow-uri URI]
+        [--resume] [--address ADDR] [--mlflow-uri URI] [--sync-mlflow]
 
 Reads results/<experiment>/best_configs.yaml (default: the newest), writes
 results/<experiment>/kfold/ (checkpoints per config and fold, summary.json, submission.csv).
@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 
-from training.cli import run_cli
+from training.cli import add_stage_options, run_cli
 from training.errors import ConfigError
-from training.evaluation.predict import DEFAULT_SCALES, TTA_TOKENS, VOTES
-from training.kfold import DEFAULT_TTA, MAX_TOP_K, SMOKE_TTA, KFoldOptions, run_kfold
+from training.evaluation.tta import DEFAULT_SCALES, TTA_TOKENS
+from training.evaluation.vote import VOTES
+from training.stages.kfold.plan import DEFAULT_TTA, MAX_TOP_K, SMOKE_TTA, KFoldOptions
+from training.stages.kfold.stage import run_kfold, sync_mlflow
 
 
 def _scales(text: str) -> tuple[float, ...]:
@@ -27,23 +29,27 @@ def _scales(text: str) -> tuple[float, ...]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--experiment", help="results/<NAME> (or a path to its best_configs.yaml); default: the newest")
+    add_stage_options(
+        p,
+        experiment="results/<NAME> (or a path to its best_configs.yaml); default: the newest finished search",
+        data="dataset root; default: best_configs' data_root, else the embedded sample",
+        smoke="64 px, small subset, at most 4 epochs (the smoke search's max_t), CPU-sized resources",
+        resume="continue an earlier run: finished folds are skipped, half-trained ones resume",
+        mlflow="MLflow tracking URI (default MLFLOW_TRACKING_URI, else the search's)",
+    )
     p.add_argument("--top-k", type=int, default=1, help=f"how many of the best configs to retrain and ensemble (<= {MAX_TOP_K}; default 1)")
-    p.add_argument("--data", help="dataset root; default: best_configs' data_root, else the embedded sample")
     p.add_argument("--epochs", type=int, help="epochs per fold; default: the epochs each config reached in the search")
     p.add_argument("--tta", help=f"test-time augmentation, comma-separated from {list(TTA_TOKENS)}; default {DEFAULT_TTA!r} ({SMOKE_TTA!r} with --smoke)")
     p.add_argument("--scales", type=_scales, default=DEFAULT_SCALES, help="scales of the 'scale' TTA (default 0.75,1.0,1.25)")
     p.add_argument("--vote", choices=VOTES, default="soft", help="soft: mean probability; hard: majority of labels (default soft)")
     p.add_argument("--png", action="store_true", help="also write test masks as PNGs under kfold/test_masks/")
-    p.add_argument("--smoke", action="store_true", help="64 px, small subset, at most 4 epochs (the smoke search's max_t), CPU-sized resources")
-    p.add_argument("--resume", action="store_true", help="continue an earlier run: finished folds are skipped, half-trained ones resume")
-    p.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else a local Ray on 127.0.0.1)")
-    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default MLFLOW_TRACKING_URI, else the search's)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.sync_mlflow:
+        return 0 if sync_mlflow(args.experiment, args.mlflow_uri) == 0 else 1
     if args.epochs is not None and args.epochs < 1:
         raise ConfigError(f"--epochs: must be >= 1, got {args.epochs}")
     options = KFoldOptions(

@@ -1,4 +1,4 @@
-"""What a search leaves behind: per-trial records, leaderboard.csv, best_configs.yaml, a summary.
+"""What a search leaves behind: per-trial records, leaderboard.csv, best_configs.yaml, parameter importances, a summary.
 
 Records are built from Tune's Trial objects (live ones in the callback, restored ones from
 the experiment directory after the search), so the leaderboard, the MLflow tags and the
@@ -17,11 +17,14 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from training.config import SearchSpace
-from training.engine.trainer import BEST
+from training.engine.checkpoint import BEST, LAST
+from training.handoff import BestConfigs, RankedConfig
+from training.infra.fs import atomic_file
+from training.infra.ray import error_line
 from tune.space import trial_budget, trial_params
 
 LEADERBOARD = "leaderboard.csv"
-BEST_CONFIGS = "best_configs.yaml"
+IMPORTANCES_PLOT = "param_importances.png"
 COMPLETED = "completed"
 STOPPED_BY_ASHA = "stopped by ASHA"
 
@@ -60,17 +63,7 @@ def error_reason(trial: Any) -> str:
             err = None
         if err is not None:
             break
-    if err is None:
-        return "unknown error"
-    cause = getattr(err, "cause", None) or err
-    name = type(cause).__name__
-    if name in ("RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError"):
-        return f"{name}: the trial's worker process died"
-    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
-    message = lines[-1] if lines else ""
-    if name in ("TuneError", "RayTaskError") and ":" in message:
-        return message[:300]
-    return f"{name}: {message}"[:300]
+    return "unknown error" if err is None else error_line(err)
 
 
 def trial_status(trial: Any, budget: int, ending: bool = False) -> str:
@@ -104,20 +97,25 @@ def _number(value: Any) -> float | None:
 
 
 def trial_record(trial: Any, space: SearchSpace, run_id: str | None = None, ending: bool = False) -> TrialRecord:
+    from tune.resume import saved_run
+
     cfg = space.defaults
     last = trial.last_result or {}
     metric, mode = cfg.search.metric, cfg.search.mode
     analysis = (getattr(trial, "metric_analysis", None) or {}).get(metric, {})
-    best_miou = _number(last.get("best_miou"))
-    best_epoch = last.get("best_epoch")
+    status = trial_status(trial, trial_budget(cfg), ending)
+    epochs, best_miou, best_epoch, best_path = int(last.get("epoch", 0) or 0), _number(last.get("best_miou")), last.get("best_epoch"), _best_checkpoint(trial)
+    saved = saved_run(getattr(trial, "path", None)) if status == "unfinished" else None
+    if saved and saved[1]["epochs_trained"] > epochs:  # checkpointed, but stopped before Tune recorded the result
+        epochs, best_miou, best_epoch, best_path = saved[1]["epochs_trained"], _number(saved[1]["best_miou"]), saved[1]["best_epoch"], str(saved[0] / BEST)
     return TrialRecord(
         trial_id=trial.trial_id,
-        status=trial_status(trial, trial_budget(cfg), ending),
+        status=status,
         best_val_miou=best_miou,
         best_epoch=int(best_epoch) if best_epoch else None,
-        epochs_trained=int(last.get("epoch", 0) or 0),
+        epochs_trained=epochs,
         params=trial_params(space, trial.config),
-        checkpoint=_best_checkpoint(trial),
+        checkpoint=best_path,
         mlflow_run_id=run_id,
         node_id=last.get("node_id"),
         failures=int(getattr(trial, "num_failures", 0) or 0),
@@ -126,7 +124,7 @@ def trial_record(trial: Any, space: SearchSpace, run_id: str | None = None, endi
 
 
 def ending_record(trial_id: str, ending: dict[str, Any], space: SearchSpace, run_id: str | None = None) -> TrialRecord:
-    """The record of a trial known only from tune/endings.py: it started and ended after the
+    """The record of a trial known only from its recorded ending (tune/resume.py): it started and ended after the
     last experiment state Tune saved before its driver was killed, so Tune never sees it again."""
     result = ending.get("result") or {}
     best_epoch = result.get("best_epoch")
@@ -158,7 +156,7 @@ def collect_records(
 ) -> list[TrialRecord]:
     """Records ranked best first by search.metric (trials without a score last).
 
-    `endings` (tune/endings.py) adds the ended trials that Tune's restored state lacks.
+    `endings` (tune/resume.py) adds the ended trials that Tune's restored state lacks.
     """
     sign = -1.0 if space.defaults.search.mode == "max" else 1.0
     records = [trial_record(t, space, run_id_of(t.trial_id)) for t in trials]
@@ -181,43 +179,76 @@ def write_leaderboard(records: list[TrialRecord], path: Path) -> Path:
     """One row per trial, best first; searched params as columns named by their dotted path."""
     params = sorted({k for r in records for k in r.params})
     columns = ["rank", "trial_id", "status", "best_val_miou", "best_epoch", "epochs_trained", *params, "mlflow_run_id", "checkpoint", "node_id", "failures"]
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_file(path, newline="") as f:  # readers (k-fold, a user's `watch`) never see half a file
         writer = csv.writer(f)
         writer.writerow(columns)
         for rank, r in enumerate(records, 1):
             row = {"rank": rank, **r.__dict__, **r.params}
             writer.writerow([_cell(row.get(c)) for c in columns])
-    os.replace(tmp, path)  # readers (k-fold, a user's `watch`) never see half a file
     return path
 
 
-def best_configs_document(records: list[TrialRecord], space: SearchSpace, header: dict[str, Any]) -> dict[str, Any]:
-    """THE contract training/final_kfold.py reads (see README): header + top_k configs, best first."""
+def best_configs(records: list[TrialRecord], search_space: SearchSpace, **header: Any) -> BestConfigs | None:
+    """THE hand-off training/final_kfold.py reads: the top search.top_k usable configs, best first (None: none usable)."""
+    space = search_space
     top = [r for r in records if r.usable][: space.defaults.search.top_k]
-    configs = []
-    for rank, r in enumerate(top, 1):
-        configs.append(
-            {
-                "rank": rank,
-                "trial_id": r.trial_id,
-                "best_val_miou": r.best_val_miou,
-                "best_epoch": r.best_epoch,
-                "epochs_trained": r.epochs_trained,
-                "status": r.status,
-                "mlflow_run_id": r.mlflow_run_id,
-                "checkpoint": r.checkpoint,
-                "params": r.params,
-                "config": space.resolve(r.params).to_dict(),
-            }
-        )
-    return {**header, "metric": space.defaults.search.metric, "fold": space.defaults.search.fold, "configs": configs}
+    if not top:
+        return None
+    configs = [
+        RankedConfig(rank=rank, trial_id=r.trial_id, best_val_miou=r.best_val_miou, best_epoch=r.best_epoch, epochs_trained=max(1, r.epochs_trained),
+                     status=r.status, mlflow_run_id=r.mlflow_run_id, checkpoint=r.checkpoint, params=r.params, config=space.resolve(r.params).to_dict())
+        for rank, r in enumerate(top, 1)
+    ]
+    return BestConfigs(metric=space.defaults.search.metric, fold=space.defaults.search.fold, configs=configs, **header)
 
 
-def write_yaml(document: dict[str, Any], path: Path) -> Path:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(document, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    os.replace(tmp, path)
+def prune_resume_state(records: list[TrialRecord]) -> int:
+    """Drop last.pt (optimizer state for resuming) of finished trials; best.pt stays for k-fold. Returns bytes freed."""
+    freed = 0
+    for r in records:
+        if r.finished and r.checkpoint and "://" not in r.checkpoint:
+            for last in Path(r.checkpoint).parent.parent.glob(f"checkpoint_*/{LAST}"):  # every kept checkpoint
+                freed += last.stat().st_size
+                last.unlink()
+    return freed
+
+
+def param_importances(study: Any) -> dict[str, float]:
+    """Optuna's parameter importances (fANOVA) of a study; {} when it cannot tell (too few trials, no variation)."""
+    import optuna
+
+    try:
+        return dict(optuna.importance.get_param_importances(study))
+    except (ValueError, RuntimeError):
+        return {}
+
+
+def importance_table(importances: dict[str, float]) -> str:
+    if not importances:
+        return "parameter importances: not enough finished trials with different values to tell"
+    width = max(len(k) for k in importances)
+    return "parameter importances (optuna fANOVA, of val mIoU):\n" + "\n".join(f"  {k.ljust(width)}  {v:.3f}" for k, v in importances.items())
+
+
+def save_importance_plot(study: Any, path: Path) -> Path | None:
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.visualization.matplotlib import plot_param_importances
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)  # the matplotlib backend is "experimental" since optuna 2.2
+            ax = plot_param_importances(study)
+    except (ValueError, RuntimeError):
+        return None
+    ax.figure.tight_layout()
+    ax.figure.savefig(path, dpi=90)
+    plt.close(ax.figure)
     return path
 
 

@@ -10,21 +10,23 @@ from __future__ import annotations
 
 import argparse
 
-from training.cli import run_cli
-from tune.runner import SearchOptions, run_search
+from training.cli import add_stage_options, run_cli
+from tune.runner import SearchOptions, run_search, sync_mlflow
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--space", default="deeplab", help="config with distributions: a name in search_spaces/ or a path")
-    p.add_argument("--data", help="dataset root (train.json, test.json, images); default: the config's data.root, else the embedded sample")
-    p.add_argument("--experiment", help="experiment name: results/<name>/ and the MLflow experiment (default: <space>-<time>)")
+    add_stage_options(
+        p,
+        experiment="experiment name: results/<name>/ and the MLflow experiment (default: <space>-<time>)",
+        data="dataset root (train.json, test.json, images); default: the config's data.root, else the embedded sample",
+        smoke="tiny CPU search (64 px, 48 images, 6 trials, ASHA max_t 4): minutes on 2 cores",
+        resume="continue the search --experiment NAME after a crash or Ctrl-C",
+        mlflow="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite mlflow.db in the repo)",
+    )
     p.add_argument("--num-samples", type=int, help="override search.num_samples")
-    p.add_argument("--resume", action="store_true", help="continue the search --experiment NAME after a crash or Ctrl-C")
     p.add_argument("--retry-errored", action="store_true", help="with --resume: also retry errored trials from their last checkpoint")
-    p.add_argument("--smoke", action="store_true", help="tiny CPU search (64 px, 48 images, 6 trials, ASHA max_t 4): minutes on 2 cores")
-    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite mlflow.db in the repo)")
-    p.add_argument("--address", help="Ray cluster to join, e.g. auto or 10.0.0.1:6379 (default: RAY_ADDRESS, else a local Ray)")
     args = p.parse_args(argv)
     if args.num_samples is not None and args.num_samples < 1:
         p.error("--num-samples must be >= 1")
@@ -33,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.sync_mlflow:
+        return 0 if sync_mlflow(args.experiment, args.mlflow_uri) == 0 else 1
     outcome = run_search(
         SearchOptions(
             space=args.space,

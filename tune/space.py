@@ -18,17 +18,13 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlg
 from ray.tune.search.optuna import OptunaSearch
 
 from training.config import Config, Distribution, SearchConfig, SearchSpace
-from training.errors import ConfigError, SegtuneError
+from training.errors import ConfigError
 
 # Trial results the trainer reports (EpochResult.metrics()) that a search may optimise.
 SEARCHABLE_METRICS = {"val_miou": "max", "best_miou": "max", "pixel_acc": "max", "val_loss": "min", "train_loss": "min"}
 SCALAR_TYPES = (str, int, float, bool, type(None))
 # Tune's progress counter is not the epoch after a restore; schedulers use the trainer's epoch.
 TIME_ATTR = "epoch"
-
-
-class ResumeError(SegtuneError):
-    """A resumed search lost its searcher history (it would silently restart at random)."""
 
 
 def _encode_choice(value: Any) -> Any:
@@ -112,26 +108,42 @@ def build_scheduler(search: SearchConfig) -> TrialScheduler:
     )
 
 
-def build_search_alg(search: SearchConfig, state_file: str | Path | None = None) -> SearchAlgorithm:
-    """Optuna TPE behind a StartupGate, or Tune's random search; both seeded."""
+STUDY_FILE = "optuna_study.log"  # Optuna's journal file next to the search's results (shared storage on a cluster)
+
+
+def study_storage(results_dir: Path):
+    """Optuna's journal storage in `results_dir`: a plain append-only file, safe on NFS (unlike sqlite)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(results_dir / STUDY_FILE)))
+
+
+def load_study(results_dir: Path, study_name: str) -> optuna.Study:
+    """The search's Optuna study as stored (every trial TPE was told, or is running)."""
+    return optuna.load_study(study_name=study_name, storage=study_storage(results_dir))
+
+
+def default_point(space: SearchSpace) -> dict[str, Any]:
+    """The space's defaults as a Tune trial config: the first trial every search evaluates."""
+    return {path: _encode_choice(dist.default) for path, dist in space.distributions.items()}
+
+
+def build_search_alg(space: SearchSpace, results_dir: Path, study_name: str) -> SearchAlgorithm:
+    """Optuna TPE (its study stored in results_dir) behind a StartupGate, or Tune's random search; both seeded."""
+    search = space.defaults.search
+    first = [default_point(space)]
     if search.algorithm == "random":
-        return BasicVariantGenerator(max_concurrent=search.max_concurrent, random_state=search.seed)
+        return BasicVariantGenerator(max_concurrent=search.max_concurrent, random_state=search.seed, points_to_evaluate=first)
     sampler = optuna.samplers.TPESampler(
         n_startup_trials=search.n_startup_trials,
         seed=search.seed,
         multivariate=True,
         constant_liar=True,  # running trials count as "bad" so concurrent asks spread out
     )
-    searcher = OptunaSearch(metric=search.metric, mode=search.mode, sampler=sampler)
-    return StartupGate(searcher, search.max_concurrent, search.n_startup_trials, str(state_file) if state_file else None)
-
-
-def optuna_study(search_alg: Any) -> optuna.Study:
-    """The Optuna study inside a (wrapped) OptunaSearch."""
-    while hasattr(search_alg, "searcher"):
-        search_alg = search_alg.searcher
-    # OptunaSearch keeps the study private; it is the searcher's whole state.
-    return search_alg._ot_study
+    searcher = OptunaSearch(metric=search.metric, mode=search.mode, sampler=sampler, points_to_evaluate=first,
+                            study_name=study_name, storage=study_storage(results_dir))
+    return StartupGate(searcher, search.max_concurrent, search.n_startup_trials, str(results_dir), study_name)
 
 
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -150,38 +162,40 @@ def random_draws(study: optuna.Study, n_startup_trials: int) -> list[int]:
 
 
 class StartupGate(ConcurrencyLimiter):
-    """ConcurrencyLimiter that also bounds Optuna's random start-up trials, and guards resume.
+    """ConcurrencyLimiter that also bounds Optuna's random start-up trials.
 
     TPESampler samples at random until n_startup_trials trials have *finished*; with k trials
     running at once, n_startup_trials + k - 1 draws would be random. The gate holds back new
     trials while the next draw would be random and n_startup_trials random trials are already
     out. A failed random trial is replaced (Optuna does not count failed trials either), so
     random draws <= n_startup_trials + failed start-up trials. Written here because neither
-    Tune nor Optuna offers this bound.
-
-    On a resumed search (search_state.json says so) it refuses to sample unless Tune restored
-    its state and the Optuna study holds the previous trials: Tune's restore falls back to a
-    fresh experiment on error, which would quietly restart TPE at random.
+    Tune nor Optuna offers this bound. It reads the study from its storage, not from the
+    searcher's internals.
     """
 
-    def __init__(self, searcher: Searcher, max_concurrent: int, n_startup_trials: int, state_file: str | None = None):
+    def __init__(self, searcher: Searcher, max_concurrent: int, n_startup_trials: int, results_dir: str, study_name: str):
         super().__init__(searcher, max_concurrent)
         self.n_startup_trials = n_startup_trials
         self.random_trials: list[str] = []
         self.failed_random: list[str] = []
-        self.state_file = state_file
-        self.restored = False
-        self._resume_checked = False
+        self.results_dir = results_dir
+        self.study_name = study_name
+        self._study: optuna.Study | None = None
+
+    def get_state(self) -> dict:
+        self._study = None  # a storage handle is no state: it is opened again from the file
+        return super().get_state()
 
     @property
     def study(self) -> optuna.Study:
-        return optuna_study(self)
+        if self._study is None:
+            self._study = load_study(Path(self.results_dir), self.study_name)
+        return self._study
 
     def _finished(self) -> int:
         return len(self.study.get_trials(deepcopy=False, states=FINISHED_STATES))
 
     def suggest(self, trial_id: str) -> dict | None:
-        self.check_resume()
         if len(self.live_trials) >= self.max_concurrent:
             return None
         random_draw = self._finished() < self.n_startup_trials
@@ -192,36 +206,7 @@ class StartupGate(ConcurrencyLimiter):
             self.random_trials.append(trial_id)
         return suggestion
 
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        self.check_resume()
-        super().on_trial_result(trial_id, result)
-
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        self.check_resume()
         if error and trial_id in self.random_trials and trial_id not in self.failed_random:
             self.failed_random.append(trial_id)
         super().on_trial_complete(trial_id, result=result, error=error)
-
-    def set_state(self, state: dict) -> None:
-        super().set_state(state)
-        self.restored = True
-        self._resume_checked = False
-
-    def check_resume(self) -> None:
-        if self._resume_checked or not self.state_file:
-            return
-        self._resume_checked = True
-        try:
-            state = json.loads(Path(self.state_file).read_text())
-        except (OSError, ValueError):
-            return
-        expected = (state.get("resume") or {}).get("trials_before", 0)
-        if not expected:
-            return
-        have = len(self.study.trials)
-        if not self.restored or have < expected:
-            raise ResumeError(
-                f"resume: the Optuna searcher came back with {have} of the {expected} earlier trials "
-                f"(restored={self.restored}); refusing to continue as a fresh random search. "
-                "See the Tune log above for why its state could not be restored."
-            )

@@ -10,11 +10,12 @@ re-decoded, only rebuilt once on a node that has no cache yet.
 
 from __future__ import annotations
 
-import json
+import atexit
 import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,9 @@ from ray.tune import Checkpoint, get_checkpoint, get_context, report
 
 from training.config import SearchSpace
 from training.data.dataset import PreparedData
-from training.engine.trainer import LAST, METRICS, EpochResult, train
-from tune.endings import replay_ending
+from training.engine import checkpoint as run_dir
+from training.engine.trainer import EpochResult, train
+from tune.resume import replay_ending, saved_run
 from tune.space import trial_params
 
 # One line per trial start and epoch, kept in the trial's checkpoint directory: it travels with
@@ -40,16 +42,52 @@ def _append_event(work: Path, line: str) -> None:
         f.write(f"{time.time():.3f} {line}\n")
 
 
+_TRIAL_THREADS: list[threading.Thread] = []
+
+
+def _join_trial_threads() -> None:
+    """At the worker's exit, let stopped trials' threads finish unwinding first.
+
+    Tune stops a function trial by raising SystemExit in its thread and does not wait for it
+    (cleanup with timeout 0). If the actor's process then shuts Python down, that thread frees
+    the trainer's tensors after finalization began, and torch's destructor aborts the process
+    ("Fatal Python error: Aborted" with C++ stacks). atexit runs before finalization.
+    """
+    for thread in _TRIAL_THREADS:
+        thread.join(timeout=30)
+
+
+def _track_trial_thread() -> None:
+    if not _TRIAL_THREADS:
+        atexit.register(_join_trial_threads)
+    _TRIAL_THREADS[:] = [t for t in _TRIAL_THREADS if t.is_alive()] + [threading.current_thread()]
+
+
 def _device() -> str:
     # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned to this trial (none: CPU).
     return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
 
-def train_trial(config: dict[str, Any], space: SearchSpace, data: PreparedData, ended: dict[str, dict] | None = None) -> None:
+def restore(work: Path, trial_dir: str | None) -> Path | None:
+    """Fill `work` with the checkpoint to continue from (Tune's, or a newer one it had not recorded); its last.pt."""
+    checkpoint = get_checkpoint()
+    if checkpoint is not None:
+        checkpoint.to_directory(str(work))
+    saved = saved_run(trial_dir)
+    if saved and saved[1]["epochs_trained"] > run_dir.epochs_completed(work):
+        shutil.rmtree(work)
+        shutil.copytree(saved[0], work)
+    return work / run_dir.LAST if (work / run_dir.LAST).is_file() else None
+
+
+def train_trial(config: dict[str, Any], space: SearchSpace, data: PreparedData, ended: dict[str, dict] | None = None,
+                tune_path: str | None = None) -> None:
     """Function trainable: `config` holds the sampled {dotted path: value}.
 
-    `ended`: on resume, the trials that had ended before the driver restarted (tune/endings.py).
+    `ended`: on resume, the trials that had ended before the driver restarted (tune/resume.py).
+    `tune_path`: the experiment's storage directory (trial directories below it).
     """
+    _track_trial_thread()
     ctx = get_context()
     trial_id = ctx.get_trial_id()
     if ended and trial_id in ended:
@@ -61,13 +99,9 @@ def train_trial(config: dict[str, Any], space: SearchSpace, data: PreparedData, 
 
     # Ray runs each trial in its own local working directory (the cwd); the trainer writes there.
     work = Path(tempfile.mkdtemp(prefix="trainer-", dir=os.getcwd()))
-    resume = None
-    checkpoint = get_checkpoint()
-    if checkpoint is not None:
-        checkpoint.to_directory(str(work))
-        resume = work / LAST
+    resume = restore(work, f"{tune_path.rstrip('/')}/trial_{trial_id}" if tune_path else None)
     node_id = ray.get_runtime_context().get_node_id()
-    start_epoch = json.loads((work / METRICS).read_text())["epochs_trained"] if resume is not None else 0
+    start_epoch = run_dir.epochs_completed(work) if resume is not None else 0
     _append_event(work, f"start trial={trial_id} pid={os.getpid()} node={node_id} host={socket.gethostname()} resume_epoch={start_epoch}")
 
     def report_epoch(result: EpochResult) -> None:

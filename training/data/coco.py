@@ -12,18 +12,24 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from stat import S_ISREG
+from typing import Any, Callable, Iterable
 
 import cv2
 import numpy as np
+import simplejpeg
 from filelock import FileLock
 from pycocotools import mask as mask_utils
 
 from training.errors import DataError
+from training.infra.fs import write_json
+from training.infra.progress import progress
 
 BACKGROUND = "Background"
 # Bump when rasterisation changes so old caches are not reused.
 RASTER_VERSION = 1
+# Bump when check_image_file changes so images checked the old way are checked again.
+CHECK_VERSION = 1
 
 
 def default_cache_root() -> Path:
@@ -90,16 +96,22 @@ def load_coco(
     ann_file: str = "train.json",
     expected_classes: Iterable[str] | None = None,
     check_images: bool = True,
+    cache_root: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> CocoIndex:
-    """Parse and validate a COCO file; every problem is a DataError naming the file and id."""
+    """Parse and validate a COCO file; every problem is a DataError naming the file and id.
+
+    Images checked before (same annotation file, size and mtime) are not decoded again.
+    """
     root = Path(root)
     ann_path = root / ann_file
     src = str(ann_path)
     if not ann_path.is_file():
         raise DataError(f"{src}: annotation file not found")
+    raw = ann_path.read_bytes()
+    content_hash = hashlib.sha256(raw).hexdigest()
     try:
-        with open(ann_path, encoding="utf-8") as f:
-            coco = json.load(f)
+        coco = json.loads(raw.decode("utf-8"))
     except json.JSONDecodeError as err:
         raise DataError(f"{src}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
     if not isinstance(coco, dict):
@@ -107,7 +119,17 @@ def load_coco(
     for key in ("images", "categories"):
         if not isinstance(coco.get(key), list):
             raise DataError(f"{src}: missing or invalid '{key}' list")
-    categories = sorted(coco["categories"], key=lambda c: c.get("id", 0))
+    names, label_of_category = _parse_categories(coco["categories"], expected_classes, src)
+    images = sorted((_parse_image(img, root, src) for img in _unique_ids(coco["images"], src)), key=lambda r: r.id)
+    anns_by_image = _parse_annotations(coco.get("annotations") or [], {r.id: r for r in images}, label_of_category, src)
+    if check_images:
+        _check_image_files(root, images, content_hash, cache_root, src, ann_path.name, log)
+    return CocoIndex(root, ann_path, content_hash, [BACKGROUND, *names], images, anns_by_image, label_of_category)
+
+
+def _parse_categories(categories: list, expected_classes: Iterable[str] | None, src: str) -> tuple[list[str], dict[int, int]]:
+    """(names in id order, {category id: class id}); Background is class 0."""
+    categories = sorted(categories, key=lambda c: c.get("id", 0) if isinstance(c, dict) else 0)
     names = []
     for cat in categories:
         if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or not isinstance(cat.get("name"), str):
@@ -118,11 +140,12 @@ def load_coco(
     expected = _normalise_expected(expected_classes)
     if expected is not None and names != expected:
         raise DataError(f"{src}: categories {names} differ from the configured data.classes {expected}")
-    label_of_category = {cat["id"]: i + 1 for i, cat in enumerate(categories)}
+    return names, {cat["id"]: i + 1 for i, cat in enumerate(categories)}
 
-    images: list[ImageRecord] = []
+
+def _unique_ids(entries: list, src: str) -> list[dict[str, Any]]:
     seen: set[int] = set()
-    for img in coco["images"]:
+    for img in entries:
         if not isinstance(img, dict):
             raise DataError(f"{src}: image entry {img!r} is not an object")
         image_id = img.get("id")
@@ -131,23 +154,29 @@ def load_coco(
         if image_id in seen:
             raise DataError(f"{src}: image id {image_id}: duplicate id")
         seen.add(image_id)
-        for key in ("file_name", "width", "height"):
-            if key not in img:
-                raise DataError(f"{src}: image id {image_id}: missing '{key}'")
-        if not isinstance(img["file_name"], str) or not img["file_name"]:
-            raise DataError(f"{src}: image id {image_id}: 'file_name' must be a non-empty path, got {img['file_name']!r}")
-        for key in ("width", "height"):
-            if isinstance(img[key], bool) or not isinstance(img[key], (int, float)) or img[key] < 1 or img[key] != int(img[key]):
-                raise DataError(f"{src}: image id {image_id}: '{key}' must be a positive integer, got {img[key]!r}")
-        extra = {k: v for k, v in img.items() if k not in ("id", "file_name", "width", "height")}
-        images.append(ImageRecord(image_id, img["file_name"], int(img["width"]), int(img["height"]), extra))
-    images.sort(key=lambda r: r.id)
-    by_id = {r.id: r for r in images}
+    return entries
 
-    anns_by_image: dict[int, list[dict[str, Any]]] = {}
-    annotations = coco.get("annotations") or []
+
+def _parse_image(img: dict[str, Any], root: Path, src: str) -> ImageRecord:
+    image_id = img["id"]
+    for key in ("file_name", "width", "height"):
+        if key not in img:
+            raise DataError(f"{src}: image id {image_id}: missing '{key}'")
+    if not isinstance(img["file_name"], str) or not img["file_name"]:
+        raise DataError(f"{src}: image id {image_id}: 'file_name' must be a non-empty path, got {img['file_name']!r}")
+    if escapes_root(img["file_name"]):
+        raise DataError(f"{src}: image id {image_id}: file_name {img['file_name']!r} lies outside the data root {root}")
+    for key in ("width", "height"):
+        if isinstance(img[key], bool) or not isinstance(img[key], (int, float)) or img[key] < 1 or img[key] != int(img[key]):
+            raise DataError(f"{src}: image id {image_id}: '{key}' must be a positive integer, got {img[key]!r}")
+    extra = {k: v for k, v in img.items() if k not in ("id", "file_name", "width", "height")}
+    return ImageRecord(image_id, img["file_name"], int(img["width"]), int(img["height"]), extra)
+
+
+def _parse_annotations(annotations: Any, by_id: dict[int, ImageRecord], label_of_category: dict[int, int], src: str) -> dict[int, list[dict[str, Any]]]:
     if not isinstance(annotations, list):
         raise DataError(f"{src}: 'annotations' must be a list")
+    anns_by_image: dict[int, list[dict[str, Any]]] = {}
     for ann in annotations:
         if not isinstance(ann, dict):
             raise DataError(f"{src}: annotation {str(ann)[:80]!r} is not an object")
@@ -159,11 +188,25 @@ def load_coco(
         img = by_id[ann["image_id"]]
         _check_segmentation(ann.get("segmentation"), img, f"{src}: annotation id {ann_id} (image id {img.id})")
         anns_by_image.setdefault(img.id, []).append(ann)
+    return anns_by_image
 
-    if check_images:
-        for img in images:
-            check_image_file(root, img, src)
-    return CocoIndex(root, ann_path, file_sha256(ann_path), [BACKGROUND, *names], images, anns_by_image, label_of_category)
+
+def _check_image_files(root: Path, images: list[ImageRecord], content_hash: str, cache_root, src: str, name: str, log) -> None:
+    checked = CheckedImages(root, content_hash, cache_root)
+    unchecked = [img for img in images if not checked.holds(img.file_name, image_stat(root, img, src))]
+    try:
+        for img in progress(unchecked, f"checking images {name}", log=log):
+            checked.add(img.file_name, check_image_file(root, img, src))
+    finally:  # what passed is kept even when a later image fails
+        checked.save()
+
+
+def escapes_root(file_name: str) -> bool:
+    """An absolute path, or one whose `..` parts lead above the data root.
+
+    Lexical on purpose: a symlinked images/ folder inside the root is a normal layout.
+    """
+    return os.path.isabs(file_name) or os.path.normpath(file_name).split(os.sep)[0] == ".."
 
 
 def _check_segmentation(seg: Any, img: ImageRecord, where: str) -> None:
@@ -195,21 +238,93 @@ def _check_segmentation(seg: Any, img: ImageRecord, where: str) -> None:
         raise DataError(f"{where}: segmentation must be polygons (list) or RLE (dict), got {type(seg).__name__}")
 
 
-def check_image_file(root: Path, img: ImageRecord, src: str) -> None:
-    """The image exists, decodes completely and has the size the json says."""
+def image_stat(root: Path, img: ImageRecord, src: str) -> os.stat_result:
+    path = root / img.file_name
+    try:
+        stat = path.stat()
+    except (OSError, ValueError):
+        stat = None
+    if stat is None or not S_ISREG(stat.st_mode):
+        raise DataError(f"{src}: image id {img.id} ({path}): file not found")
+    return stat
+
+
+def check_image_file(root: Path, img: ImageRecord, src: str) -> os.stat_result:
+    """The image decodes completely and has the size the json says; returns the stat of the bytes checked."""
     path = root / img.file_name
     where = f"{src}: image id {img.id} ({path})"
-    if not path.is_file():
-        raise DataError(f"{where}: file not found")
-    data = np.fromfile(path, dtype=np.uint8)
-    # cv2 decodes truncated JPEGs silently with grey fill; the end-of-image marker catches that.
-    if data[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in data[-64:].tobytes():
-        raise DataError(f"{where}: corrupt image (truncated JPEG)")
-    decoded = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    try:
+        with open(path, "rb") as f:
+            stat = os.fstat(f.fileno())
+            data = f.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise DataError(f"{where}: file not found") from None
+    except OSError as err:
+        raise DataError(f"{where}: cannot read ({err.strerror})") from None
+    height, width = decoded_size(data, where)
+    if (height, width) != (img.height, img.width):
+        raise DataError(f"{where}: image is {width}x{height} but the json says {img.width}x{img.height}")
+    return stat
+
+
+def decoded_size(data: bytes, where: str) -> tuple[int, int]:
+    """(height, width) of the whole decoded image as the loader sees it; DataError if any of it is corrupt."""
+    if data[:2] == b"\xff\xd8":
+        # cv2 and PIL fill a truncated JPEG with grey and only warn; strict makes libjpeg's warnings errors.
+        try:
+            height, width = simplejpeg.decode_jpeg(data, strict=True).shape[:2]
+        except ValueError as err:
+            raise DataError(f"{where}: corrupt image ({' '.join(str(err).split())})") from None
+        if b"Exif\x00\x00" not in data:
+            return height, width
+        # cv2 (the loader) turns the image by its EXIF orientation, which may swap width and height.
+    # libpng refuses truncated or CRC-damaged PNGs, so cv2 returns None for them.
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if decoded is None:
         raise DataError(f"{where}: corrupt image (cannot decode)")
-    if decoded.shape[:2] != (img.height, img.width):
-        raise DataError(f"{where}: image is {decoded.shape[1]}x{decoded.shape[0]} but the json says {img.width}x{img.height}")
+    return decoded.shape[:2]
+
+
+class CheckedImages:
+    """Images of one annotation file and root that passed check_image_file: file_name -> [st_size, st_mtime_ns].
+
+    A full decode costs ~1 ms an image, so an image whose size and mtime are unchanged is not
+    decoded again. The record only saves time: unreadable, it is empty; unwritable, it is not saved.
+    """
+
+    def __init__(self, root: Path, content_hash: str, cache_root: str | Path | None = None):
+        cache_root = Path(cache_root) if cache_root else default_cache_root()
+        # the root is part of the key: the same json next to other image files says nothing about them
+        root_key = hashlib.sha256(os.path.realpath(root).encode()).hexdigest()[:12]
+        self.path = cache_root / "checked" / f"{content_hash[:20]}-{root_key}-v{CHECK_VERSION}.json"
+        self.recorded = self._read()
+        self.added: dict[str, list[int]] = {}
+
+    def holds(self, file_name: str, stat: os.stat_result) -> bool:
+        return self.recorded.get(file_name) == [stat.st_size, stat.st_mtime_ns]
+
+    def add(self, file_name: str, stat: os.stat_result) -> None:
+        self.added[file_name] = [stat.st_size, stat.st_mtime_ns]
+
+    def save(self) -> None:
+        if not self.added:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # merged with what other processes saved meanwhile; atomic, so readers never see half a file
+            write_json(self.path, {**self._read(), **self.added})
+        except OSError:
+            pass
+
+    def _read(self) -> dict[str, list[int]]:
+        try:
+            recorded = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(recorded, dict):
+            return {}
+        return {name: fingerprint for name, fingerprint in recorded.items()
+                if isinstance(fingerprint, list) and len(fingerprint) == 2 and all(type(v) is int for v in fingerprint)}
 
 
 def annotation_rle(ann: dict[str, Any], height: int, width: int) -> dict[str, Any]:
@@ -255,7 +370,7 @@ class MaskCache:
     def complete(self) -> bool:
         return self._marker.is_file()
 
-    def build(self) -> "MaskCache":
+    def build(self, log: Callable[[str], None] | None = None) -> "MaskCache":
         """Rasterise every image not cached yet; safe when several processes call it at once."""
         if self.complete:
             return self
@@ -263,10 +378,9 @@ class MaskCache:
         with FileLock(str(self.dir) + ".lock"):
             if self.complete:
                 return self
-            for image_id in self.index.image_ids:
+            missing = [image_id for image_id in self.index.image_ids if not self.path(image_id).is_file()]
+            for image_id in progress(missing, f"rasterising masks {self.index.ann_path.name}", log=log):
                 target = self.path(image_id)
-                if target.is_file():
-                    continue
                 fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
                 with os.fdopen(fd, "wb") as f:
                     np.save(f, rasterize(self.index, image_id))

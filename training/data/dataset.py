@@ -59,15 +59,16 @@ def prepare_data(cfg: "Config", check_images: bool = True, log=print) -> Prepare
     root = data_root(cfg)
     if not root.is_dir():
         raise DataError(f"data.root: {root}: no such directory")
-    index = load_coco(root, cfg.data.train_json, cfg.data.classes, check_images=check_images)
+    cache_dir = cfg.data.cache_dir
+    index = load_coco(root, cfg.data.train_json, cfg.data.classes, check_images=check_images, cache_root=cache_dir, log=log)
     if not index.anns_by_image:
         raise DataError(f"{index.ann_path}: no annotations to train on")
-    cache = MaskCache(index, cfg.data.cache_dir).build()
-    manifest = load_or_create_folds(index, cfg.folds, cfg.data.cache_dir, log=log)
+    cache = MaskCache(index, cache_dir).build(log=log)
+    manifest = load_or_create_folds(index, cfg.folds, cache_dir, log=log)
     val_index = val_cache = None
     if cfg.data.val_json:
-        val_index = load_coco(root, cfg.data.val_json, index.classes, check_images=check_images)
-        val_cache = MaskCache(val_index, cfg.data.cache_dir).build()
+        val_index = load_coco(root, cfg.data.val_json, index.classes, check_images=check_images, cache_root=cache_dir, log=log)
+        val_cache = MaskCache(val_index, cache_dir).build(log=log)
     return PreparedData(index, cache, manifest, val_index, val_cache)
 
 

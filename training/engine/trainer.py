@@ -7,9 +7,7 @@ same batches, checkpoints of everything needed to continue exactly.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,18 +19,18 @@ from torch.utils.data import DataLoader
 
 from training.data.dataset import PreparedData, make_datasets, seed_worker_transform
 from training.data.transforms import normalize_images
+from training.engine import checkpoint
+from training.engine.checkpoint import BEST, LAST, METRICS  # noqa: F401  (the run directory's names, for callers)
 from training.errors import NonFiniteLossError, SegtuneError
-from training.evaluation.metrics import ConfusionMatrix, resize_logits
+from training.evaluation.inference import predict_batches
+from training.evaluation.members import Member
+from training.evaluation.metrics import ConfusionMatrix
+from training.evaluation.tta import autocast
 from training.modeling.losses import LossMix
-from training.modeling.models import build_model
+from training.modeling.models import arch_spec, build_model
 
 if TYPE_CHECKING:
     from training.config import Config
-
-LAST = "last.pt"
-BEST = "best.pt"
-METRICS = "metrics.json"
-
 
 @dataclass
 class EpochResult:
@@ -148,23 +146,6 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**31)
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint without unpickling arbitrary objects (weights_only)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / LAST
-    if not path.is_file():
-        raise SegtuneError(f"{path}: checkpoint not found")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 class Trainer:
     """Trains one config on one fold; `fit()` runs the epochs, calling callbacks after each.
 
@@ -257,31 +238,13 @@ class Trainer:
         self.best_per_class = state["best_per_class"]
         self.history = list(state["history"])
 
-    def resume(self, checkpoint: str | Path) -> None:
-        state = load_checkpoint(checkpoint)
-        self._check_resumable(state, checkpoint)
+    def resume(self, path: str | Path) -> None:
+        state = checkpoint.load(path)
+        checkpoint.check_resumable(state, path, self.cfg, self.classes, self.fold)
         self.load_state_dict(state)
-        self.log(f"resumed from {checkpoint} at epoch {self.epoch}")
-
-    def _check_resumable(self, state: dict[str, Any], checkpoint: str | Path) -> None:
-        """Refuse a checkpoint of another fold, model or class list."""
-        if state.get("classes") != self.classes:
-            raise SegtuneError(f"{checkpoint}: checkpoint classes {state.get('classes')} differ from the data's {self.classes}")
-        if state.get("fold") != self.fold:
-            raise SegtuneError(f"{checkpoint}: checkpoint is of fold {state.get('fold')}, this run trains fold {self.fold}")
-        saved = (state.get("config") or {}).get("model") or {}
-        ours = self.cfg.to_dict()["model"]
-        for key in ("arch", "encoder", "params"):  # encoder_weights only seeded the first epoch
-            differs = str(saved.get(key)).lower() != ours[key].lower() if key == "arch" else saved.get(key) != ours[key]
-            if differs:
-                raise SegtuneError(f"{checkpoint}: checkpoint has model.{key}={saved.get(key)!r}, this run has model.{key}={ours[key]!r}")
+        self.log(f"resumed from {path} at epoch {self.epoch}")
 
     def _save(self, is_best: bool) -> None:
-        state = self.state_dict()
-        _atomic_save(state, self.out_dir / LAST)
-        if is_best:
-            best = {k: state[k] for k in ("model", "epoch", "best_miou", "best_per_class", "config", "classes", "fold")}
-            _atomic_save(best, self.out_dir / BEST)
         summary = {
             "best_miou": self.best_miou,
             "best_epoch": self.best_epoch,
@@ -290,12 +253,9 @@ class Trainer:
             "fold": self.fold,
             "history": self.history,
         }
-        (self.out_dir / METRICS).write_text(json.dumps(summary, indent=1, allow_nan=True))
+        checkpoint.save(self.state_dict(), self.out_dir, is_best, summary)
 
     # ---- loops -------------------------------------------------------------------
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
-
     def train_one_epoch(self) -> tuple[float, dict[str, float], float]:
         self.model.train()
         seed = _epoch_seed(self.cfg.trainer.seed, self.epoch)
@@ -308,7 +268,7 @@ class Trainer:
         for step, (images, masks, _) in enumerate(self.train_loader):
             images = self._model_input(images.to(self.device, non_blocking=True))
             masks = masks.to(self.device, non_blocking=True).long()
-            with self._autocast():
+            with autocast(self.device, self.dtype):
                 logits = self.model(images)
             loss, terms = self.loss_fn(logits, masks)
             if not torch.isfinite(loss):
@@ -338,26 +298,24 @@ class Trainer:
         aug = self.cfg.augment
         return normalize_images(images, aug.mean, aug.std).contiguous(memory_format=self.memory_format)
 
-    @torch.no_grad()
     def evaluate(self, keep_samples: int = 0):
         """(val loss, scores, up to `keep_samples` (image, mask, pred) arrays for overlays)."""
         self.model.eval()
+        member = Member(0, self.fold, self.model, self.cfg, divisor=arch_spec(self.cfg.model.arch).divisor,
+                        dtype=self.dtype, memory_format=self.memory_format)
         cm = ConfusionMatrix(len(self.classes), self.cfg.loss.ignore_index)
         total, count = 0.0, 0
         samples = []
-        for raw, masks, _ in self.val_loader:
-            images = self._model_input(raw.to(self.device))
-            masks = masks.to(self.device).long()
-            with self._autocast():
-                logits = self.model(images)
-            logits = resize_logits(logits.float(), tuple(masks.shape[-2:]))
-            loss, _ = self.loss_fn(logits, masks)
+        for batch in predict_batches([member], self.val_loader, device=self.device):
+            logits, masks = batch.outputs[0].logits, batch.targets
+            with torch.no_grad():
+                loss, _ = self.loss_fn(logits, masks)
             pred = logits.argmax(1)
             cm.update(pred, masks)
-            total += loss.item() * images.shape[0]
-            count += images.shape[0]
-            for i in range(min(images.shape[0], keep_samples - len(samples))):
-                samples.append((raw[i].numpy(), masks[i].cpu().numpy(), pred[i].cpu().numpy()))
+            total += loss.item() * masks.shape[0]
+            count += masks.shape[0]
+            for i in range(min(masks.shape[0], keep_samples - len(samples))):
+                samples.append((batch.images[i].numpy(), masks[i].cpu().numpy(), pred[i].cpu().numpy()))
         return total / max(count, 1), cm.scores(self.classes), samples
 
     def fit(self) -> TrainResult:

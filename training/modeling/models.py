@@ -1,9 +1,10 @@
 """Model registry: config -> smp model, with pretrained encoder weights resolved offline.
 
-One entry per architecture; adding one is adding a line to ARCHITECTURES.
-Weights never come from the network: `imagenet` is looked up in SEGTUNE_WEIGHTS_DIR and
-the Hugging Face cache (where smp and timm keep downloaded weights), a path is loaded as a
-state dict, and anything missing is an error that says how to provide the file.
+The architectures are registry.ARCH_TABLE (plain data the config validates against);
+adding one is adding a line there. Weights never come from the network: `imagenet` is
+looked up in SEGTUNE_WEIGHTS_DIR and the Hugging Face cache (where smp and timm keep
+downloaded weights), a path is loaded as a state dict, and anything missing is an error
+that says how to provide the file.
 """
 
 from __future__ import annotations
@@ -20,12 +21,11 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-from training.errors import ConfigError, WeightsNotFoundError
+from training.errors import WeightsNotFoundError
+from training.modeling.registry import ARCH_TABLE, WEIGHT_SUFFIXES, arch_info, check_model_field, is_timm
 
 if TYPE_CHECKING:
     from training.config import ModelConfig
-
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 @dataclass(frozen=True)
@@ -37,20 +37,7 @@ class ArchSpec:
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    spec.name.lower(): spec
-    for spec in (
-        ArchSpec("DeepLabV3", smp.DeepLabV3, 8),
-        ArchSpec("DeepLabV3Plus", smp.DeepLabV3Plus, 16),
-        ArchSpec("Unet", smp.Unet, 32),
-        ArchSpec("UnetPlusPlus", smp.UnetPlusPlus, 32),
-        ArchSpec("FPN", smp.FPN, 32),
-        ArchSpec("PAN", smp.PAN, 32, min_size=128),  # its pyramid attention pools the 1/16 map 3 more times
-        ArchSpec("UPerNet", smp.UPerNet, 32),
-        ArchSpec("Segformer", smp.Segformer, 32),
-        ArchSpec("MAnet", smp.MAnet, 32),
-        ArchSpec("Linknet", smp.Linknet, 32),
-        ArchSpec("PSPNet", smp.PSPNet, 8),
-    )
+    info.name.lower(): ArchSpec(info.name, getattr(smp, info.smp_class), info.divisor, info.min_size) for info in ARCH_TABLE
 }
 
 
@@ -59,33 +46,8 @@ def weights_dir() -> Path:
 
 
 def arch_spec(name: str) -> ArchSpec:
-    try:
-        return ARCHITECTURES[name.lower()]
-    except KeyError:
-        known = [s.name for s in ARCHITECTURES.values()]
-        raise ConfigError(f"model.arch: unknown architecture {name!r}; known: {known}") from None
-
-
-def _is_timm(encoder: str) -> bool:
-    return encoder.startswith("tu-")
-
-
-def encoder_exists(encoder: str) -> bool:
-    if _is_timm(encoder):
-        import timm
-
-        return bool(timm.list_models(encoder[3:].split(".")[0]))
-    return encoder in smp.encoders.get_encoder_names()
-
-
-def check_model_field(name: str, value: str | None) -> None:
-    """Raise ValueError if model.<name> (arch, encoder, encoder_weights) is invalid."""
-    if name == "arch" and value.lower() not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {value!r}; known: {[s.name for s in ARCHITECTURES.values()]}")
-    if name == "encoder" and not encoder_exists(value):
-        raise ValueError(f"unknown encoder {value!r} (smp names like 'resnet34', or 'tu-<timm model>')")
-    if name == "encoder_weights" and value is not None and value != "imagenet" and Path(value).suffix not in WEIGHT_SUFFIXES:
-        raise ValueError(f"encoder_weights must be null, 'imagenet' or a weights file ({'/'.join(WEIGHT_SUFFIXES)}), got {value!r}")
+    """The spec of architecture `name` (case-insensitive), or ConfigError naming model.arch."""
+    return ARCHITECTURES[arch_info(name).name.lower()]
 
 
 def check_model_config(cfg: "ModelConfig") -> None:
@@ -106,12 +68,12 @@ def _hub_cached(repo_id: str, filenames: tuple[str, ...], revision: str | None =
 
 def find_pretrained_file(encoder: str) -> Path:
     """The local file holding `imagenet` weights for `encoder`, or WeightsNotFoundError."""
-    stem = encoder[3:] if _is_timm(encoder) else encoder
+    stem = encoder[3:] if is_timm(encoder) else encoder
     for suffix in WEIGHT_SUFFIXES:
         candidate = weights_dir() / f"{stem}{suffix}"
         if candidate.is_file():
             return candidate
-    if _is_timm(encoder):
+    if is_timm(encoder):
         import timm
 
         cfg = timm.models.get_pretrained_cfg(stem.split(".")[0] if "." not in stem else stem)
@@ -252,7 +214,7 @@ def build_model(cfg: "ModelConfig", num_classes: int) -> nn.Module:
         if not weights_file.is_file():
             raise WeightsNotFoundError(f"model.encoder_weights: file not found: {weights_file}")
     kwargs: dict[str, Any] = dict(cfg.params)
-    if weights_file is not None and _is_timm(cfg.encoder):
+    if weights_file is not None and is_timm(cfg.encoder):
         return _build_timm_pretrained(spec, cfg.encoder, weights_file, num_classes, kwargs)
     model = spec.cls(encoder_name=cfg.encoder, encoder_weights=None, classes=num_classes, **kwargs)
     if weights_file is not None:

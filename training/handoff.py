@@ -1,0 +1,125 @@
+"""What one stage hands the next, as typed files: the search's best configs, the k-fold's result.
+
+Each file names its format and version, so a stage refuses an old or foreign file with one
+line instead of failing on a missing key halfway through.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from training.config import Config, config_from_dict, read_yaml
+from training.errors import ConfigError
+from training.infra.fs import write_yaml
+
+BEST_CONFIGS = "best_configs.yaml"
+KFOLD_RESULT = "kfold_result.yaml"
+
+
+class _Document(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    remedy: ClassVar[str] = ""
+
+    @classmethod
+    def read(cls, path: Path):
+        raw = read_yaml(path)
+        expected = cls.model_fields["format"].default
+        if raw.get("format") != expected:
+            found = f"format {raw['format']!r}" if "format" in raw else "no 'format' key"
+            raise ConfigError(
+                f"{path}: not a {expected} file ({found}): written by an older segtune or another tool; "
+                f"{cls.remedy}"
+            )
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ConfigError(f"{path}: {where}: {first['msg']}") from None
+
+    def write(self, path: Path) -> Path:
+        return write_yaml(path, self.model_dump(mode="json"))
+
+
+class RankedConfig(BaseModel):
+    """One config the search hands on: its full training config and how it did on the search fold."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(ge=1)
+    trial_id: str
+    best_val_miou: float | None = None
+    best_epoch: int | None = None
+    epochs_trained: int = Field(ge=1)
+    status: str = "completed"
+    mlflow_run_id: str | None = None
+    checkpoint: str | None = None  # the trial's best.pt
+    params: dict[str, Any] = Field(default_factory=dict)
+    config: dict[str, Any]
+
+    def to_config(self, source: str) -> Config:
+        return config_from_dict(self.config, source)
+
+
+class BestConfigs(_Document):
+    """results/<experiment>/best_configs.yaml: written by tune/search.py, read by the k-fold and later stages."""
+
+    format: Literal["segtune.best_configs"] = "segtune.best_configs"
+    version: Literal[2] = 2
+    experiment: str
+    space: str
+    smoke: bool = False
+    data_root: str | None = None
+    metric: str = "val_miou"
+    fold: int = 0
+    fold_manifest: str | None = None
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment_id: str | None = None
+    search_parent_run_id: str | None = None
+    configs: list[RankedConfig] = Field(min_length=1)
+
+    remedy: ClassVar[str] = "re-run tune/search.py to write a current one"
+
+    @classmethod
+    def load(cls, path: Path) -> tuple["BestConfigs", list[Config]]:
+        """The document and every entry's validated Config (errors name the file and configs[i])."""
+        doc = cls.read(path)
+        ranks = [c.rank for c in doc.configs]
+        if len(set(ranks)) != len(ranks):
+            raise ConfigError(f"{path}: configs[*].rank: duplicate ranks {ranks}")
+        return doc, [entry.to_config(f"{path}: configs[{i}].config") for i, entry in enumerate(doc.configs)]
+
+
+class FoldModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int
+    fold: int
+    checkpoint: str
+    val_miou: float
+    epochs: int
+
+
+class KFoldResult(_Document):
+    """results/<experiment>/kfold/kfold_result.yaml: the selected ensemble, for the stages after the k-fold."""
+
+    format: Literal["segtune.kfold_result"] = "segtune.kfold_result"
+    version: Literal[1] = 1
+    experiment: str
+    best_configs: str
+    data_root: str
+    fold_manifest: str | None
+    n_folds: int
+    tta: str
+    vote: Literal["soft", "hard"]
+    selected_ranks: list[int]
+    models: list[FoldModel]  # the selected configs' fold checkpoints
+    oof_miou: float
+    submission: str
+    mlflow_tracking_uri: str | None = None
+    mlflow_parent_run_id: str | None = None
+
+    remedy: ClassVar[str] = "re-run training/final_kfold.py --resume to write a current one"

@@ -1,0 +1,236 @@
+"""What the k-fold stage will run: the search's configs with this run's overrides, checked before any work.
+
+Also what a resumed run must agree with: plan.json in the k-fold directory records the
+configs and epochs of the first run (and its MLflow stage id); a different plan is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from training.config import SMOKE_PRESET, Config, config_from_dict, deep_merge
+from training.errors import ConfigError, DataError
+from training.handoff import BEST_CONFIGS, BestConfigs
+from training.infra import locks
+from training.infra.fs import read_json, results_root, write_json
+from training.infra.lineage import new_stage_id
+
+KFOLD_DIR = "kfold"
+PLAN = "plan.json"
+MAX_TOP_K = 5  # 2^k - 1 subset confusion matrices per (mode, vote)
+SMOKE_EPOCH_CAP = 4  # the smoke search's max_t: retrain as long as the search trained
+SMOKE_TTA = "flip"
+DEFAULT_TTA = "flip,scale"
+# Config keys that must agree across the ensembled configs: they decide which images are
+# scored, at which size, against which folds.
+SHARED_KEYS = ("data.root", "data.train_json", "data.test_json", "data.classes", "data.subset", "data.score_size", "folds")
+SEARCH_STATE = "search_state.json"  # a search's own state file: its presence marks an experiment directory
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class KFoldOptions:
+    experiment: str | None = None
+    top_k: int = 1
+    data: str | None = None
+    epochs: int | None = None
+    tta: str | None = None  # None: SMOKE_TTA with --smoke, else DEFAULT_TTA
+    scales: tuple[float, ...] = (0.75, 1.0, 1.25)
+    vote: str = "soft"
+    smoke: bool = False
+    resume: bool = False
+    address: str | None = None
+    mlflow_uri: str | None = None
+    png: bool = False
+
+
+@dataclass
+class Candidate:
+    """One of the top-k configs as the k-fold stage trains it."""
+
+    index: int  # bit in subset masks
+    rank: int
+    trial_id: str
+    epochs: int
+    cfg: Config
+    search_val_miou: float | None
+    params: dict[str, Any]
+
+
+@dataclass
+class FoldJob:
+    cand: Candidate
+    fold: int
+    out_dir: Path
+    run_key: str | None = None  # its MLflow child run
+    state: str = "new"  # checkpoint.NEW | PARTIAL | DONE
+    status: str = ""  # trained | resumed | skipped | logged
+    result: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.cand.rank, self.fold
+
+    @property
+    def name(self) -> str:
+        return f"config {self.cand.rank} fold {self.fold}"
+
+
+def _explicit_best_configs(experiment: str, root: Path) -> Path:
+    candidate = Path(experiment)
+    for path in (candidate, candidate / BEST_CONFIGS, root / experiment / BEST_CONFIGS):
+        if path.is_file() and path.suffix in (".yaml", ".yml"):
+            return path
+    if (root / experiment / SEARCH_STATE).is_file():
+        holder = locks.read_holder(root / experiment)
+        if holder and not locks.is_stale(holder):
+            raise ConfigError(f"{root / experiment}: its search is still running ({locks.describe(holder)}); the k-fold starts from a finished search")
+        raise ConfigError(f"{root / experiment / BEST_CONFIGS}: not found: the search did not finish; continue it with tune/search.py --resume --experiment {experiment}")
+    raise ConfigError(f"{root / experiment / BEST_CONFIGS}: not found (run tune/search.py --experiment {experiment} first)")
+
+
+def find_best_configs(experiment: str | None, log: Log, root: Path | None = None) -> Path:
+    """best_configs.yaml of `experiment` (a name under the results root, a directory or the file).
+
+    Without one: the newest finished search, said in a line; refused while a search is still
+    running (that is the one a user who just started it means).
+    """
+    root = root or results_root()
+    if experiment:
+        return _explicit_best_configs(experiment, root)
+    dirs = [d for d in root.iterdir() if d.is_dir()] if root.is_dir() else []
+    running = [(d, h) for d in dirs if (d / SEARCH_STATE).is_file() and (h := locks.read_holder(d)) and not locks.is_stale(h)]
+    if running:
+        d, holder = running[0]
+        raise ConfigError(f"no --experiment given while the search {d.name!r} is still running ({locks.describe(holder)}); pass --experiment NAME")
+    found = sorted((d / BEST_CONFIGS for d in dirs if (d / BEST_CONFIGS).is_file()), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise ConfigError(f"{root}: no experiment with a {BEST_CONFIGS} (run tune/search.py first, or pass --experiment)")
+    log(f"k-fold: no --experiment given; using {found[-1].parent.name!r}, the newest finished search")
+    return found[-1]
+
+
+def _dotted(tree: dict[str, Any], dotted: str) -> Any:
+    for key in dotted.split("."):
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def check_options(options: KFoldOptions, best: BestConfigs, path: Path) -> None:
+    if options.top_k < 1:
+        raise ConfigError(f"--top-k: must be >= 1, got {options.top_k}")
+    if options.top_k > MAX_TOP_K:
+        raise ConfigError(
+            f"--top-k: at most {MAX_TOP_K}, got {options.top_k}: ensemble selection scores all 2^k-1 subsets of the configs "
+            f"on every OOF batch ({2 ** options.top_k - 1} at k={options.top_k}, vs {2 ** MAX_TOP_K - 1} at k={MAX_TOP_K}), "
+            "and each config adds one training per fold"
+        )
+    if options.top_k > len(best.configs):
+        raise ConfigError(f"--top-k {options.top_k}: {path} has only {len(best.configs)} config(s)")
+    if options.epochs is not None and options.epochs < 1:
+        raise ConfigError(f"--epochs: must be >= 1, got {options.epochs}")
+
+
+def _stage_tree(cfg: Config, options: KFoldOptions, best: BestConfigs) -> dict[str, Any]:
+    """A config as this run trains it: --smoke, --data (else the search's data root) applied."""
+    tree = cfg.to_dict()
+    if options.smoke:
+        tree = deep_merge(tree, {k: SMOKE_PRESET[k] for k in ("data", "model", "trainer")})
+        tree["data"]["subset"] = min(cfg.data.subset or SMOKE_PRESET["data"]["subset"], SMOKE_PRESET["data"]["subset"])
+        tree["search"]["resources"] = dict(SMOKE_PRESET["search"]["resources"])
+    if options.data:
+        tree["data"]["root"] = str(Path(options.data).resolve())
+    elif not tree["data"].get("root") and best.data_root:
+        tree["data"]["root"] = best.data_root
+    return tree
+
+
+def build_candidates(best: BestConfigs, cfgs: list[Config], options: KFoldOptions, path: Path) -> list[Candidate]:
+    """The top-k configs with the stage's overrides (--data, --smoke, --epochs) applied and validated."""
+    check_options(options, best, path)
+    ranked = sorted(range(len(best.configs)), key=lambda i: best.configs[i].rank)[: options.top_k]
+    candidates = []
+    for index, i in enumerate(ranked):
+        entry = best.configs[i]
+        tree = _stage_tree(cfgs[i], options, best)
+        if options.epochs is not None:
+            epochs = options.epochs
+        else:
+            epochs = min(entry.epochs_trained, SMOKE_EPOCH_CAP) if options.smoke else entry.epochs_trained
+        tree["trainer"]["epochs"] = epochs  # the schedule (cosine, poly, onecycle) spans exactly these epochs
+        cfg = config_from_dict(tree, f"{path}: configs[{i}].config")
+        candidates.append(Candidate(index, entry.rank, entry.trial_id, epochs, cfg, entry.best_val_miou, dict(entry.params)))
+    first = candidates[0].cfg.to_dict()
+    for cand in candidates[1:]:
+        other = cand.cfg.to_dict()
+        for key in SHARED_KEYS:
+            if _dotted(first, key) != _dotted(other, key):
+                raise ConfigError(
+                    f"{path}: configs[rank {cand.rank}].config.{key}: {_dotted(other, key)!r} differs from rank "
+                    f"{candidates[0].rank}'s {_dotted(first, key)!r}; ensembled configs must share data and folds"
+                )
+    return candidates
+
+
+def check_plan(kfold_dir: Path, candidates: list[Candidate], resume: bool) -> str:
+    """Refuse to overwrite a previous run without --resume, or to resume it with a different plan.
+
+    Writes plan.json; returns the stage id (kept across resumes: it names the MLflow runs).
+    """
+    plan_path = kfold_dir / PLAN
+    existing = read_json(plan_path, {}) or {}
+    has_folds = any(kfold_dir.glob("*/fold*/last.pt"))
+    if (existing or has_folds) and not resume:
+        raise ConfigError(f"{kfold_dir}: holds a previous k-fold run; pass --resume to continue it, or move it away to start over")
+    ranks = dict(existing.get("ranks", {}))
+    for cand in candidates:
+        want = {"trial_id": cand.trial_id, "epochs": cand.epochs}
+        have = ranks.get(str(cand.rank))
+        if have is not None and have != want:
+            key = next(k for k in ("trial_id", "epochs") if have.get(k) != want[k])
+            raise ConfigError(
+                f"{plan_path}: ranks.{cand.rank}.{key}: the run being resumed has {have.get(key)!r}, this one asks "
+                f"{want[key]!r} (same --epochs/--smoke as before, or move {kfold_dir} away)"
+            )
+        ranks[str(cand.rank)] = want
+    stage_id = existing.get("stage_id") or new_stage_id()
+    kfold_dir.mkdir(parents=True, exist_ok=True)
+    write_json(plan_path, {"ranks": ranks, "stage_id": stage_id})
+    return stage_id
+
+
+def prepare_kfold_data(cfg: Config, best: BestConfigs, path: Path, log: Log):
+    """PreparedData for the k-fold stage, with the search's own fold manifest (refusing other data)."""
+    from training.data.dataset import prepare_data
+    from training.data.folds import load_manifest
+
+    data = prepare_data(cfg, log=log)
+    if not best.fold_manifest:
+        log(f"warning: {path} names no fold_manifest; using {data.manifest.path}")
+        return data
+    manifest_path = Path(best.fold_manifest)
+    if not manifest_path.is_file():
+        log(f"warning: fold manifest {manifest_path} from {path.name} is missing here; using {data.manifest.path} "
+            "(same data and folds settings give the same folds)")
+        return data
+    manifest = load_manifest(manifest_path)
+    manifest.check_matches(data.index, cfg.folds)  # DataError naming the manifest and the annotation file
+    if manifest.fold_of != data.manifest.fold_of:
+        raise DataError(f"{manifest_path}: its folds differ from {data.manifest.path} made for the same data; delete the stale one")
+    data.manifest = manifest
+    return data
+
+
+def load_test_index(cfg: Config, classes: list[str], log: Log):
+    from training.data.coco import load_coco
+    from training.data.dataset import data_root
+
+    index = load_coco(data_root(cfg), cfg.data.test_json, check_images=True, cache_root=cfg.data.cache_dir, log=log)
+    if len(index.classes) > 1 and index.classes != classes:
+        raise DataError(f"{index.ann_path}: categories {index.classes[1:]} differ from train's {classes[1:]}")
+    if not index.images:
+        raise DataError(f"{index.ann_path}: no images to predict")
+    return index
