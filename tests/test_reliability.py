@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -265,51 +265,27 @@ def test_ctrl_c_keeps_checkpointed_epochs(tiny, tmp_path):
 # ---- one error line, nothing written --------------------------------------------------------------
 
 
-def unprivileged(cmd: list[str]) -> list[str]:
-    """Root ignores permission bits: as root, run the command as nobody so a read-only directory is read-only."""
+def read_only(cmd: list[str], *dirs: Path) -> list[str]:
+    """`cmd` with `dirs` read-only. Root ignores permission bits, so as root the command runs in a
+    private mount namespace where the dirs are read-only bind mounts; otherwise chmod 555 does."""
     if os.geteuid() != 0:
+        for d in dirs:
+            d.chmod(0o555)
         return cmd
-    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+    mounts = " && ".join(f"mount --bind {shlex.quote(str(d))} {shlex.quote(str(d))} && "
+                         f"mount -o remount,bind,ro {shlex.quote(str(d))} {shlex.quote(str(d))}" for d in dirs)
+    return ["unshare", "--mount", "sh", "-c", f'{mounts} && exec "$@"', "sh", *cmd]
 
 
-@pytest.fixture
-def open_tmp():
-    """A temp tree everyone may read (and, where a test says so, write): pytest's own is root-only."""
-    path = Path(tempfile.mkdtemp(prefix="segtune-ro-", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    for p in path.rglob("*"):
-        if p.is_dir() and not p.is_symlink():
-            p.chmod(0o755)
-    subprocess.run(["rm", "-rf", str(path)], check=False)
-
-
-def writable_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o777)
-    return path
-
-
-def unprivileged_env(root: Path, results: Path) -> dict[str, str]:
-    home = writable_dir(root / "home")
-    return dict(os.environ, HOME=str(home), SEGTUNE_RESULTS=str(results), SEGTUNE_CACHE=str(writable_dir(root / "cache")),
-                MPLCONFIGDIR=str(home), RAY_TMPDIR=str(writable_dir(root / "ray")), PYTHONDONTWRITEBYTECODE="1")
-
-
-def test_a_read_only_sqlite_store_is_one_line(tiny, open_tmp):
-    data = write_camvid_subset(open_tmp / "camvid", n_train=12)
-    for p in [open_tmp / "camvid", *(open_tmp / "camvid").rglob("*")]:
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    space = tiny_space(open_tmp / "tiny.yaml")
-    space.chmod(0o644)
-    store = open_tmp / "store"
-    store.mkdir(mode=0o555)
-    store.chmod(0o555)
-    results = writable_dir(open_tmp / "results")
+def test_a_read_only_sqlite_store_is_one_line(tiny, tmp_path):
+    space, data = tiny
+    store = tmp_path / "store"
+    store.mkdir()
+    results = tmp_path / "results"
+    results.mkdir()
     started = time.time()
-    proc = subprocess.run(unprivileged(search_cmd("--space", str(space), "--smoke", "--data", str(data), "--experiment", "ro",
-                                                  "--mlflow-uri", f"sqlite:///{store / 'mlflow.db'}")),
-                          cwd=REPO, env=unprivileged_env(open_tmp, results), capture_output=True, text=True, timeout=300)
+    cmd = search_cmd("--space", str(space), "--smoke", "--data", str(data), "--experiment", "ro", "--mlflow-uri", f"sqlite:///{store / 'mlflow.db'}")
+    proc = subprocess.run(read_only(cmd, store), cwd=REPO, env=search_env(results, short_tmp("rt")), capture_output=True, text=True, timeout=300)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert lines[0].startswith("error: mlflow: ") and str(store) in lines[0] and "not writable" in lines[0]
@@ -317,25 +293,21 @@ def test_a_read_only_sqlite_store_is_one_line(tiny, open_tmp):
     assert sorted(p.name for p in results.iterdir()) == []  # nothing written: no experiment dir, no lock left
 
 
-def test_a_read_only_results_dir_is_one_line_for_the_kfold(open_tmp):
+def test_a_read_only_results_dir_is_one_line_for_the_kfold(tmp_path):
     from training.config import load_space
     from training.data.dataset import prepare_data
     from training.handoff import BestConfigs
 
-    data = write_camvid_subset(open_tmp / "camvid", n_train=12, n_test=2)
-    for p in [open_tmp / "camvid", *(open_tmp / "camvid").rglob("*")]:
-        p.chmod(0o755 if p.is_dir() else 0o644)
+    data = write_camvid_subset(tmp_path / "camvid", n_train=12, n_test=2)
     space = load_space("deeplab", smoke=True, overrides={"data.root": str(data)})
     manifest = prepare_data(space.defaults, log=lambda _: None).manifest
     entry = {"rank": 1, "trial_id": "t1", "epochs_trained": 1, "params": {}, "config": space.defaults.to_dict()}
-    experiment = open_tmp / "results" / "ro"
+    experiment = tmp_path / "results" / "ro"
     experiment.mkdir(parents=True)
     BestConfigs(experiment="ro", space=space.source, smoke=True, data_root=str(data), fold_manifest=str(manifest.path), configs=[entry]).write(experiment / "best_configs.yaml")
-    (experiment / "best_configs.yaml").chmod(0o644)
-    experiment.chmod(0o555)
-    (open_tmp / "results").chmod(0o555)
-    proc = subprocess.run(unprivileged([PYTHON, "training/final_kfold.py", "--experiment", "ro", "--smoke"]), cwd=REPO,
-                          env=unprivileged_env(open_tmp, open_tmp / "results"), capture_output=True, text=True, timeout=300)
+    cmd = [PYTHON, "training/final_kfold.py", "--experiment", "ro", "--smoke"]
+    proc = subprocess.run(read_only(cmd, experiment), cwd=REPO, env=dict(os.environ, SEGTUNE_RESULTS=str(tmp_path / "results")),
+                          capture_output=True, text=True, timeout=300)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert lines[0].startswith("error: ") and str(experiment / "kfold") in lines[0] and "not writable" in lines[0]

@@ -188,6 +188,9 @@ def open_session(opts: SearchOptions, experiment: str, results_dir: Path, space:
         resume.clear_failed_start(abandoned, log)
     state = previous if continuing else new_state(uri, experiment, results_dir, space, smoke, overrides, data)
     if continuing:
+        if "stage_id" not in state.data:
+            raise SegtuneError(f"{state.path}: written by an older segtune (no stage_id), which this version cannot resume; "
+                               "start a new search under another --experiment")
         resume.check_tune_state(state.data["tune_path"])
         state.data["resume"] = {"trials_before": len(resume.restored_trials(state.data["tune_path"]))}
     state.data["sessions"].append({"started": resume.now(), "resume": continuing, "pid": os.getpid()})

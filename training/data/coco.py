@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISREG
@@ -22,7 +21,7 @@ from filelock import FileLock
 from pycocotools import mask as mask_utils
 
 from training.errors import DataError
-from training.infra.fs import write_json
+from training.infra.fs import atomic_file, write_json
 from training.infra.progress import progress
 
 BACKGROUND = "Background"
@@ -380,11 +379,8 @@ class MaskCache:
                 return self
             missing = [image_id for image_id in self.index.image_ids if not self.path(image_id).is_file()]
             for image_id in progress(missing, f"rasterising masks {self.index.ann_path.name}", log=log):
-                target = self.path(image_id)
-                fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
-                with os.fdopen(fd, "wb") as f:
+                with atomic_file(self.path(image_id), "wb") as f:
                     np.save(f, rasterize(self.index, image_id))
-                os.replace(tmp, target)
             self._marker.write_text(json.dumps({"images": len(self.index.images), "classes": self.index.classes}))
         return self
 
@@ -445,10 +441,8 @@ class ImageCache:
         image = read_image(self.index.image_path(image_id))
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
+            with atomic_file(entry, "wb") as f:  # atomic: concurrent loader workers write the same bytes
                 np.save(f, image)
-            os.replace(tmp, entry)  # atomic: concurrent loader workers write the same bytes
         except OSError:
             pass
         return image

@@ -8,8 +8,6 @@ is iterative stratification (Sechidis et al.) applied to whole groups.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +16,7 @@ import numpy as np
 
 from training.data.coco import CocoIndex, default_cache_root
 from training.errors import DataError
+from training.infra.fs import write_json
 
 if TYPE_CHECKING:
     from training.config import FoldsConfig
@@ -207,9 +206,6 @@ def load_or_create_folds(
     manifest = make_folds(index, cfg.n_splits, cfg.group_key, cfg.group_size, cfg.seed)
     manifest.path = path
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest.to_json(), f, indent=1)
-    os.replace(tmp, path)
+    write_json(path, manifest.to_json())
     log(f"folds: wrote {path}\n{manifest.format_table()}")
     return manifest

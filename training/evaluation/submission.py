@@ -20,14 +20,13 @@ This module only encodes and checks the CSV.
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
 from training.errors import DataError
+from training.infra.fs import atomic_file
 
 SUBMISSION_SIZE = 256
 HEADER = ("image_id", "PredictionString")
@@ -58,12 +57,12 @@ class SubmissionWriter:
         self.num_classes = num_classes
         self.rows = 0
         self._file = None
-        self._tmp: str | None = None
+        self._replace = None
 
     def __enter__(self) -> "SubmissionWriter":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".submission-", suffix=".tmp")
-        self._file = os.fdopen(fd, "w", newline="")
+        self._replace = atomic_file(self.path, "w", newline="")
+        self._file = self._replace.__enter__()
         self._writer = csv.writer(self._file, lineterminator="\n")
         self._writer.writerow(HEADER)
         return self
@@ -75,11 +74,7 @@ class SubmissionWriter:
         self.rows += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._file.close()
-        if exc_type is None:
-            os.replace(self._tmp, self.path)
-        else:
-            os.unlink(self._tmp)
+        self._replace.__exit__(exc_type, exc, tb)
 
 
 def write_submission(path: str | Path, rows: Iterable[tuple[str, np.ndarray]], num_classes: int | None = None) -> int:

@@ -39,7 +39,7 @@ from training.infra.lineage import Lineage
 from training.infra.locks import StageLock, describe, is_stale, read_holder
 from training.infra.progress import progress
 from training.infra.ray import error_line
-from training.infra.tracking import close_tracker, flatten, open_tracker
+from training.infra.tracking import check_store, close_tracker, flatten, open_tracker
 from training.stages.kfold import report
 from training.stages.kfold.context import KFoldRun
 from training.stages.kfold.plan import (DEFAULT_TTA, KFOLD_DIR, SMOKE_TTA, FoldJob, KFoldOptions, Log, build_candidates, check_plan,
@@ -78,6 +78,7 @@ def run_kfold(options: KFoldOptions, log: Log = print) -> dict[str, Any]:
     check_writable(kfold_dir, "the k-fold writes its checkpoints and submission there (SEGTUNE_RESULTS moves the results root)")
     with StageLock(kfold_dir, "k-fold"):
         run = plan_run(options, best_path, log)
+        check_store(tracking_uri(options.mlflow_uri, run.best))  # a read-only sqlite file: one line, before plan.json
         run.stage_id = check_plan(run.kfold_dir, run.candidates, options.resume)
         log(f"k-fold: experiment {run.best.experiment}, configs {[c.rank for c in run.candidates]} x {run.n_folds} folds, "
             f"epochs {[c.epochs for c in run.candidates]}, TTA {run.tta.name}, vote {options.vote} -> {run.kfold_dir}")
