@@ -5,7 +5,6 @@ from __future__ import annotations
 import fnmatch
 import os
 import subprocess
-import time
 
 import pytest
 

@@ -278,7 +278,7 @@ def test_mlflow_lineage(runs):
     parents = [r for r in all_runs if r.data.tags.get("segtune.role") == "kfold"]
     assert len(parents) == 1, "the second run must reuse the kfold parent"
     parent = parents[0]
-    assert parent.data.tags["segtune.upstream_run_id"] == runs.search_parent
+    assert parent.data.tags["segtune.upstream_run_id"] == parent.data.tags["search_parent_run_id"] == runs.search_parent
     assert parent.info.status == "FINISHED"
     assert {"oof_miou_rank1", "oof_miou_rank2", "ensemble_oof_miou"} <= set(parent.data.metrics)
 
@@ -290,6 +290,8 @@ def test_mlflow_lineage(runs):
         rank, fold = int(r.data.tags["segtune.config_rank"]), int(r.data.tags["segtune.fold"])
         seen.add((rank, fold))
         assert r.data.tags["segtune.trial_id"] == f"trial_{rank}"
+        # the names earlier versions wrote are still there
+        assert (r.data.tags["config_rank"], r.data.tags["fold"], r.data.tags["segtune.stage"]) == (str(rank), str(fold), "kfold_fold")
         assert r.info.status == "FINISHED"
         assert r.data.tags["segtune.checkpoint"].endswith(f"kfold/{rank}/fold{fold}/best.pt")
         artifacts = {a.path: a for a in client.list_artifacts(r.info.run_id)}

@@ -251,7 +251,7 @@ def test_mlflow_parent_and_child_runs_agree_with_leaderboard(smoke):
         assert run.info.run_id == row["mlflow_run_id"]
         assert run.data.tags["segtune.status"] == row["status"]
         assert run.data.tags["segtune.fold"] == "0"
-        assert run.data.tags["segtune.checkpoint"] == row["checkpoint"]
+        assert run.data.tags["segtune.checkpoint"] == run.data.tags["segtune.best_checkpoint"] == row["checkpoint"]
         assert set(run.data.params) == {k for k in row if "." in k and k != "mlflow_run_id"}
         assert float(run.data.params["optimizer.lr"]) == pytest.approx(float(row["optimizer.lr"]), rel=1e-4)
         history = client.get_metric_history(run.info.run_id, "val_miou")

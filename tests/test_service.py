@@ -7,9 +7,7 @@ Every server and process a test starts is stopped by that test, by pid.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import time
 import urllib.parse

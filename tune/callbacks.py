@@ -111,7 +111,7 @@ class MlflowTrials(Callback):
         run_tags = {tags.STATUS: record.status, "segtune.epochs_trained": record.epochs_trained, "segtune.failures": record.failures}
         if record.checkpoint:
             run_tags[tags.CHECKPOINT] = record.checkpoint
-        tracker.set_tags(key, run_tags)
+        self.lineage.set_tags(key, run_tags)
         # An ASHA stop is a normal outcome (FINISHED); the status tag tells it from a completed trial.
         status = "FAILED" if record.status.startswith("error") else "FINISHED"
         if not tracker.ended(key, status):  # a trial replaying its ending after a resume has logged it already

@@ -29,13 +29,37 @@ STATUS = "segtune.status"
 FOLD = "segtune.fold"
 CONFIG_RANK = "segtune.config_rank"
 CHECKPOINT = "segtune.checkpoint"
+ERROR = "segtune.error"
 GIT_COMMIT = "mlflow.source.git.commit"
+# Names earlier versions wrote (the k-fold and the search each had their own). Still written
+# beside the vocabulary above, so saved MLflow searches and scripts keep working; read the
+# segtune.* names.
+LEGACY_TAGS = {
+    ROLE: ("segtune.stage",),
+    TRIAL_ID: ("trial_id",),
+    CONFIG_RANK: ("config_rank",),
+    FOLD: ("fold",),
+    CHECKPOINT: ("checkpoint", "segtune.best_checkpoint"),
+    UPSTREAM: ("search_parent_run_id",),
+    ERROR: ("error",),
+    "segtune.checkpoint_bytes": ("checkpoint_bytes",),
+    "segtune.out_dir": ("out_dir",),
+    "segtune.selected_ranks": ("selected_ranks",),
+    "segtune.tta": ("tta",),
+    "segtune.vote": ("vote",),
+    "segtune.ensemble_key": ("ensemble_key",),
+    "segtune.submission": ("submission",),
+}
 # Packages whose versions decide a result; also tagged on every parent run, not only listed.
 KEY_PACKAGES = ("torch", "torchvision", "segmentation-models-pytorch", "timm", "albumentations", "ray", "optuna", "mlflow")
 
 
 def new_stage_id() -> str:
     return uuid.uuid4().hex[:12]
+
+
+def with_legacy_names(tags: dict[str, Any]) -> dict[str, Any]:
+    return {**tags, **{old: tags[new] for new, olds in LEGACY_TAGS.items() if new in tags for old in olds}}
 
 
 class Lineage:
@@ -62,11 +86,13 @@ class Lineage:
                 tags[GIT_COMMIT] = commit
         return tags
 
-    def run(self, key: str, name: str, role: str, tags: dict[str, Any] | None = None, parent: str | None = None) -> str:
-        """Find or create the run `key` (created in the background); returns the key."""
+    def run(self, key: str, name: str, role: str, tags: dict[str, Any] | None = None, parent: str | None = None) -> bool:
+        """Find or create the run `key` (in the background); True when this session had not known it."""
         base = {ROLE: role, STAGE_ID: self.stage_id, EXPERIMENT: self.experiment, **self.context_tags}
-        self.tracker.create_run(key, self.experiment, name, {**base, **(tags or {})}, parent_key=parent)
-        return key
+        return self.tracker.create_run(key, self.experiment, name, with_legacy_names({**base, **(tags or {})}), parent_key=parent)
+
+    def set_tags(self, key: str, tags: dict[str, Any]) -> None:
+        self.tracker.set_tags(key, with_legacy_names(tags))
 
     def run_id(self, key: str) -> str | None:
         return self.tracker.run_id(key)

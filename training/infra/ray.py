@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from training.errors import SegtuneError
 from training.infra import compat
@@ -32,6 +35,21 @@ class RaySession:
             self.started = False
 
 
+@contextmanager
+def held_interrupts() -> Iterator[list]:
+    """Ctrl-C inside the block is recorded, not raised: raised in the middle of ray.init, while
+    it forks Ray's processes, it can leave a lock (logging's) held and hang the exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    received: list = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def connect(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None, log: Log = print) -> RaySession:
     """Join `address` (or RAY_ADDRESS), else start a local Ray bound to 127.0.0.1 only."""
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -46,7 +64,11 @@ def connect(address: str | None = None, num_cpus: int | None = None, temp_dir: s
         ray.init(address=address, log_to_driver=True)
         log(f"ray: joined the cluster at {address}")
         return RaySession(started=False, address=address)
-    ray.init(**compat.local_init_kwargs(num_cpus or os.cpu_count(), temp_dir))
+    with held_interrupts() as interrupted:
+        ray.init(**compat.local_init_kwargs(num_cpus or os.cpu_count(), temp_dir))
+    if interrupted:
+        ray.shutdown()
+        raise KeyboardInterrupt
     node_ip = ray.util.get_node_ip_address()
     if node_ip != "127.0.0.1":
         ray.shutdown()

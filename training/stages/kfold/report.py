@@ -104,7 +104,7 @@ def log_ensemble(run: KFoldRun, summary: dict, matrix: np.ndarray) -> str | None
         parent_metrics |= {f"oof_miou_rank{c['rank']}": c["oof_miou"], f"oof_miou_tta_rank{c['rank']}": c["oof_miou_tta"],
                            f"mean_fold_val_miou_rank{c['rank']}": c["mean_fold_val_miou"]}
     tracker.log_metrics(run.parent, parent_metrics)
-    tracker.set_tags(run.parent, {"segtune.selected_ranks": ",".join(map(str, ens["selected_ranks"])), "segtune.tta": summary["tta"], "segtune.vote": summary["vote"]})
+    lineage.set_tags(run.parent, {"segtune.selected_ranks": ",".join(map(str, ens["selected_ranks"])), "segtune.tta": summary["tta"], "segtune.vote": summary["vote"]})
     metrics = {"oof_miou": ens["oof_miou"], "mean_fold_val_miou": ens["mean_fold_val_miou"]}
     metrics |= {f"oof_miou_{k}": v for k, v in ens["selected"].items()}
     metrics |= {f"oof_miou_all_{k}": v for k, v in ens["all_candidates"].items()}
@@ -114,7 +114,7 @@ def log_ensemble(run: KFoldRun, summary: dict, matrix: np.ndarray) -> str | None
     tracker.log_artifact(key, plots / CONFUSION)
     tracker.log_artifact(key, plots / PER_CLASS_IOU)
     tracker.log_text(key, json.dumps(summary, indent=1, default=str), "summary.json")
-    tracker.set_tags(key, {"segtune.submission": summary["submission"]["path"]})
+    lineage.set_tags(key, {"segtune.submission": summary["submission"]["path"]})
     tracker.end_run(key, "FINISHED")
     return key
 

@@ -162,7 +162,7 @@ def finish_child(run: KFoldRun, job: FoldJob) -> None:
         run.lineage.log_epoch(key, int(row["epoch"]), flat)
     best = job.out_dir / checkpoint.BEST
     tracker.log_artifact(key, best)
-    tracker.set_tags(key, {tags.CHECKPOINT: best.resolve(), "segtune.checkpoint_bytes": best.stat().st_size, "segtune.out_dir": job.out_dir.resolve()})
+    run.lineage.set_tags(key, {tags.CHECKPOINT: best.resolve(), "segtune.checkpoint_bytes": best.stat().st_size, "segtune.out_dir": job.out_dir.resolve()})
     tracker.log_metrics(key, {"fold_best_miou": metrics["best_miou"], "fold_best_epoch": metrics["best_epoch"]})
     tracker.log_artifact(key, job.out_dir / checkpoint.METRICS)
     tracker.log_artifact(key, job.out_dir / "per_class_iou.png")
@@ -229,7 +229,7 @@ def wait_for_folds(run: KFoldRun, pending: dict, queue) -> list[str]:
                 result = ray.get(ref)
             except Exception as err:  # the task's own error, already printed with its traceback
                 failures.append(f"{job.name}: {error_line(err)}")
-                run.lineage.tracker.set_tags(job.run_key, {"segtune.error": failures[-1][:4000]})
+                run.lineage.set_tags(job.run_key, {tags.ERROR: failures[-1][:4000]})
                 run.lineage.tracker.end_run(job.run_key, "FAILED")
                 run.log(f"  {failures[-1]}")
                 continue
