@@ -148,7 +148,7 @@ def test_mlflow_ui_shows_child_runs_and_their_val_miou(served_search):
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
             _open(page, f"{served_search.uri}/#/experiments/{state['experiment_id']}/runs")
-            page.get_by_text(f"search-svc").first.wait_for(timeout=60_000)
+            page.get_by_text("search-svc").first.wait_for(timeout=60_000)
             page.screenshot(path=str(SCREENSHOT_DIR / "mlflow_experiment.png"))
 
             page.set_viewport_size({"width": 2400, "height": 1200})  # the run table renders visible columns only

@@ -39,10 +39,10 @@ class TrialEndings(Callback):
         resume.mark_running(self.results_dir / resume.STATE_FILE)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        resume.record_ending(self.results_dir, trial.trial_id, resume.ending_record(trial, trial_status(trial, self.budget, ending=True)))
+        resume.record_ending(self.results_dir, trial.trial_id, resume.trial_ending(trial, trial_status(trial, self.budget, ending=True)))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        resume.record_ending(self.results_dir, trial.trial_id, resume.ending_record(trial, trial_status(trial, self.budget)))
+        resume.record_ending(self.results_dir, trial.trial_id, resume.trial_ending(trial, trial_status(trial, self.budget)))
 
 
 def config_yaml(space: SearchSpace, params: dict[str, Any]) -> str:

@@ -141,7 +141,7 @@ def replay_ending(trial_id: str, ending: dict[str, Any], log: Log = print) -> No
         shutil.rmtree(work, ignore_errors=True)
 
 
-def ending_record(trial: Any, status: str) -> dict[str, Any]:
+def trial_ending(trial: Any, status: str) -> dict[str, Any]:
     """What trial_endings.json keeps of a trial Tune just ended."""
     keys = compat.tune_result_keys()
     result = {k: v for k, v in (trial.last_result or {}).items() if k not in keys and isinstance(v, (int, float, str, bool))}
@@ -183,6 +183,23 @@ def saved_run(trial_dir: str | None) -> tuple[Path, dict[str, Any]] | None:
 
 
 # ---- Tune's own saved state -------------------------------------------------------------------------
+
+
+def restore_missing_checkpoints(trials: list, log: Log) -> None:
+    """Put the trial's newest saved checkpoint where Tune's saved state looks for a deleted one.
+
+    Tune keeps two checkpoints per trial and saves its state every 2 s; two epochs shorter than
+    that between a save and a kill -9 leave a state naming a checkpoint already deleted, and Tune
+    then fails that trial ("Could not recover from checkpoint as it does not exist").
+    """
+    for trial in trials:
+        named = getattr(trial, "checkpoint", None)
+        if named is None or getattr(named.filesystem, "type_name", "local") != "local" or Path(named.path).exists():
+            continue
+        saved = saved_run(str(Path(named.path).parent))
+        if saved is not None:
+            shutil.copytree(saved[0], named.path)
+            log(f"trial {trial.trial_id}: its saved state names {Path(named.path).name}, already deleted; resuming it from {saved[0].name} (epoch {saved[1]['epochs_trained']})")
 
 
 def check_tune_state(tune_path: str) -> None:

@@ -155,12 +155,17 @@ def run_search(opts: SearchOptions, log: Log = print) -> SearchOutcome:
     return outcome
 
 
+def stored_settings(state: SearchState):
+    """(space, smoke, overrides) a search was started with."""
+    overrides = dict(state.data["overrides"])
+    return load_checked_space(state.data["space"], state.data["smoke"], overrides), state.data["smoke"], overrides
+
+
 def settings_for(opts: SearchOptions, state: SearchState | None, space: SearchSpace | None, results_dir: Path, log: Log):
     """(space, smoke, overrides) of this run, refusing to mix into another search or to resume what is not there."""
     if state is not None and state.never_started:
-        if opts.resume:  # nothing to continue: start it over with the settings it was started with
-            return load_checked_space(state.data["space"], state.data["smoke"], dict(state.data["overrides"])), state.data["smoke"], dict(state.data["overrides"])
-        return space, opts.smoke, cli_overrides(opts)
+        # nothing to continue: --resume starts it over with the settings it was started with
+        return stored_settings(state) if opts.resume else (space, opts.smoke, cli_overrides(opts))
     if not opts.resume:
         if state is not None:
             raise SegtuneError(f"{results_dir}: already holds a {state.status} search; pass --resume to continue it or choose another --experiment")
@@ -169,8 +174,7 @@ def settings_for(opts: SearchOptions, state: SearchState | None, space: SearchSp
         raise SegtuneError(f"{results_dir / resume.STATE_FILE}: no such search to resume (the experiment name is the directory under {results_dir.parent})")
     if opts.data or opts.num_samples or opts.overrides or (opts.smoke and not state.data["smoke"]):
         log("note: a resumed search keeps the settings it started with; ignoring --data/--num-samples/--smoke")
-    overrides = dict(state.data["overrides"])
-    return load_checked_space(state.data["space"], state.data["smoke"], overrides), state.data["smoke"], overrides
+    return stored_settings(state)
 
 
 def open_session(opts: SearchOptions, experiment: str, results_dir: Path, space: SearchSpace | None, log: Log) -> SearchSession:
@@ -285,7 +289,9 @@ def run_tune(session: SearchSession, opts: SearchOptions, log: Log) -> None:
                                                           tune_path=session.tune_path),
                                     {"cpu": resources[0], "gpu": resources[1]})
     if continuing:
-        reload_study(session, log)
+        trials = resume.restored_trials(session.tune_path)
+        resume.restore_missing_checkpoints(trials, log)
+        reload_study(session, trials, log)
         log(f"resuming {session.experiment} from {session.tune_path} ({session.state.data['resume']['trials_before']} trials so far; "
             f"errored trials {'retried' if opts.retry_errored else 'kept'})")
         tuner = tune.Tuner.restore(session.tune_path, trainable=trainable, resume_unfinished=True, resume_errored=opts.retry_errored, restart_errored=False)

@@ -206,6 +206,12 @@ class StartupGate(ConcurrencyLimiter):
             self.random_trials.append(trial_id)
         return suggestion
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        try:
+            super().on_trial_result(trial_id, result)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # a trial that ended before a resume replays its result: the stored study holds it already
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if error and trial_id in self.random_trials and trial_id not in self.failed_random:
             self.failed_random.append(trial_id)

@@ -65,7 +65,7 @@ def new_tuner(session: "SearchSession", trainable: Any):
     )
 
 
-def reload_study(session: "SearchSession", log: Callable[[str], None]) -> None:
+def reload_study(session: "SearchSession", trials: list, log: Callable[[str], None]) -> None:
     """Before a resume: the Optuna study from its storage file, said in a line; orphaned asks failed."""
     from tune import resume
     from tune.space import STUDY_FILE, load_study
@@ -77,4 +77,4 @@ def reload_study(session: "SearchSession", log: Callable[[str], None]) -> None:
     best = (max if session.space.defaults.search.mode == "max" else min)(values) if values else None
     log(f"optuna: study {session.experiment!r} reloaded from {session.results_dir / STUDY_FILE}: {len(study.trials)} trials, "
         f"best {session.space.defaults.search.metric} {best if best is None else f'{best:.6f}'}")
-    resume.reconcile_study(study, resume.restored_trials(session.tune_path), log)
+    resume.reconcile_study(study, trials, log)

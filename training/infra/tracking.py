@@ -206,8 +206,10 @@ class Tracker:
 
     # ---- connection -----------------------------------------------------------------------
     def connect(self) -> bool:
-        """Check the store once, at start-up: a broken store is one error line, an unreachable one a warning at once."""
-        check_store(self.uri)
+        """Ask the store once, at start-up: a broken sqlite file is one error line, an unreachable server a warning at once.
+
+        (A read-only sqlite path was already refused when the client was made.)
+        """
         db = sqlite_path(self.uri)
         try:
             self.client.search_experiments(max_results=1)

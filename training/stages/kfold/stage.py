@@ -254,7 +254,6 @@ def score_oof(run: KFoldRun) -> SubsetScorer:
 
     oof_dir = run.kfold_dir / "oof"
     oof_dir.mkdir(parents=True, exist_ok=True)
-    tta_spec = {"hflip": run.tta.hflip, "vflip": run.tta.vflip, "scales": run.tta.scales}
     pending, results = {}, {}
     for k in range(run.n_folds):
         ckpts = [run.kfold_dir / str(c.rank) / f"fold{k}" / checkpoint.BEST for c in run.candidates]
@@ -263,7 +262,7 @@ def score_oof(run: KFoldRun) -> SubsetScorer:
         results[k] = read_oof(cached, key)
         if results[k] is None:
             ref = oof_fold_task.options(**run.resources([c.cfg for c in run.candidates])).remote(
-                [str(p) for p in ckpts], run.put(run.data), k, tta_spec, run.options.vote, str(run.kfold_dir / "oof_masks"))
+                [str(p) for p in ckpts], run.put(run.data), k, run.tta, run.options.vote, str(run.kfold_dir / "oof_masks"))
             pending[ref] = (k, key, cached)
     if pending:
         run.log(f"k-fold: scoring out-of-fold predictions of {len(pending)} fold(s), TTA {run.tta.name}")
@@ -349,10 +348,9 @@ def write_submission(run: KFoldRun, checkpoints: list[str], cfgs: list, path: Pa
     from training.evaluation.submission import SubmissionWriter, save_mask_png
     from training.infra.compat import generator_backpressure
 
-    tta_spec = {"hflip": run.tta.hflip, "vflip": run.tta.vflip, "scales": run.tta.scales}
     # Backpressure: the task stays at most 16 masks ahead of the writer, so memory stays flat.
     gen = predict_test_task.options(**run.resources(cfgs), **generator_backpressure(16)).remote(
-        checkpoints, run.test_index, tta_spec, run.options.vote, size)
+        checkpoints, run.test_index, run.tta, run.options.vote, size)
     png_dir = run.kfold_dir / "test_masks"
     try:
         with SubmissionWriter(path, len(run.data.classes)) as writer:

@@ -45,7 +45,7 @@ def _loader(dataset, cfg):
 
 
 @ray.remote(max_retries=2)
-def oof_fold_task(checkpoints: list[str], data, fold: int, tta_spec: dict, vote_method: str, masks_dir: str | None) -> dict[str, Any]:
+def oof_fold_task(checkpoints: list[str], data, fold: int, tta, vote_method: str, masks_dir: str | None) -> dict[str, Any]:
     """Confusion matrices of every subset of configs on this fold's held-out images (score size)."""
     import torch
 
@@ -54,11 +54,9 @@ def oof_fold_task(checkpoints: list[str], data, fold: int, tta_spec: dict, vote_
     from training.evaluation.members import MultiInputTransform, assign_inputs, load_members
     from training.evaluation.selection import SubsetScorer
     from training.evaluation.submission import save_mask_png
-    from training.evaluation.tta import TTA
 
     _quiet()
     data.ensure_cached()
-    tta = TTA(**tta_spec)
     members, device = load_members(checkpoints)
     for m in members:
         if m.fold != fold:
@@ -80,7 +78,7 @@ def oof_fold_task(checkpoints: list[str], data, fold: int, tta_spec: dict, vote_
 
 
 @ray.remote(max_retries=0)
-def predict_test_task(checkpoints: list[str], test_index, tta_spec: dict, vote_method: str, mask_side: int):
+def predict_test_task(checkpoints: list[str], test_index, tta, vote_method: str, mask_side: int):
     """Stream (file_name, uint8 mask) per test image; the driver writes them (single writer).
 
     The ensemble votes at its members' input size; only the label mask is resized (nearest) to
@@ -89,10 +87,9 @@ def predict_test_task(checkpoints: list[str], test_index, tta_spec: dict, vote_m
     from training.data.dataset import ImageDataset
     from training.evaluation.inference import iter_predictions
     from training.evaluation.members import MultiInputTransform, assign_inputs, load_members
-    from training.evaluation.tta import TTA
 
     _quiet()
     members, device = load_members(checkpoints)
     dataset = ImageDataset(test_index, test_index.image_ids, MultiInputTransform(assign_inputs(members)))
-    for image_id, mask in iter_predictions(members, _loader(dataset, members[0].cfg), (mask_side, mask_side), TTA(**tta_spec), vote_method, device):
+    for image_id, mask in iter_predictions(members, _loader(dataset, members[0].cfg), (mask_side, mask_side), tta, vote_method, device):
         yield test_index.image(image_id).file_name, mask
