@@ -2,7 +2,7 @@
 
     python benchmarks/ensemble_inference.py [--size 256] [--encoder mobilenet_v2] [--images 16] [--repeats 3] [--json]
 
-Runs the same code path as the submission (evaluation/inference.iter_predictions: every member's
+Runs the same code path as the submission (evaluation/ensemble.iter_predictions: every member's
 TTA probabilities at its input size, soft vote, argmax, the label mask resized nearest to
 256x256) on CUDA when available (AMP as the trainer uses it), else CPU. Weights are random: throughput does not depend on them. Pass
 --checkpoints 'results/<exp>/kfold/1/fold*/best.pt' to time real trained members instead.
@@ -22,7 +22,7 @@ import torch
 
 from training.config import load_space
 from training.engine.trainer import amp_dtype
-from training.evaluation.inference import iter_predictions
+from training.evaluation.ensemble import iter_predictions
 from training.evaluation.members import Member, load_member
 from training.evaluation.tta import TTA
 from training.evaluation.submission import SUBMISSION_SIZE

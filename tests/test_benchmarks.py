@@ -40,3 +40,9 @@ def test_ensemble_inference_benchmark_reports_with_and_without_tta():
     assert views[0] == 1 and views[1] == 2 and views[2] > 2, report
     for row in report["results"]:
         assert row["img_per_s"] > 0 and len(row["img_per_s_runs"]) == 2, row
+
+
+def test_onnx_inference_benchmark_reports_torch_and_onnxruntime():
+    report = run_benchmark("onnx_inference.py", "--size", "64", "--encoder", "resnet18", "--images", "2", "--batch", "2", "--repeats", "1")
+    text = json.dumps(report)
+    assert "torch" in text and "onnxruntime" in text, report

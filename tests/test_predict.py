@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from training.evaluation.inference import iter_predictions, predict_proba
+from training.evaluation.ensemble import iter_predictions
+from training.evaluation.inference import predict_proba
 from training.evaluation.members import Member, MultiInputTransform, assign_inputs
 from training.evaluation.selection import SubsetScorer, greedy_select
 from training.evaluation.tta import TTA
@@ -130,16 +131,16 @@ def test_subset_scorer_and_greedy_selection():
     good = F.one_hot(target, 3).permute(0, 3, 1, 2).float() * 0.6 + 0.1  # right everywhere
     noise = [torch.rand(2, 3, 8, 8).softmax(1) for _ in range(2)]
     per_config = [(good, good), (noise[0], noise[0]), (noise[1], noise[1])]
-    scorer = SubsetScorer(3, 3)
+    scorer = SubsetScorer(3, 3, modes=("none", "hflip"))
     scorer.update(per_config, target)
-    assert scorer.scores("plain", "soft", 0b001).miou == 1.0
+    assert scorer.scores("none", "soft", 0b001).miou == 1.0
     for i, (probs, _) in enumerate(per_config):  # singletons = the model's own argmax
         from training.evaluation.metrics import ConfusionMatrix
 
         cm = ConfusionMatrix(3)
         cm.update(probs.argmax(1), target)
-        np.testing.assert_array_equal(scorer.matrix("plain", "hard", 1 << i), cm.matrix.numpy())
-    score_of = {s: scorer.scores("plain", "soft", s).miou for s in range(1, 8)}
+        np.testing.assert_array_equal(scorer.matrix("none", "hard", 1 << i), cm.matrix.numpy())
+    score_of = {s: scorer.scores("none", "soft", s).miou for s in range(1, 8)}
     chosen, steps = greedy_select(score_of, 3)
     assert chosen == 0b001 and len(steps) == 1  # adding noise never helps a perfect model
     # Greedy stops at the first step that does not improve, never below the best single.
@@ -235,3 +236,53 @@ def test_submission_writer_streams(tmp_path):
     # A row is ~150 kB of text; a writer that buffered rows would peak ~1.5 MB higher at 20.
     assert large < small * 1.25 + 256 * 1024, (small, large)
     assert rows(3) == 3 and written == [1, 2, 3]
+
+
+def test_tta_candidates_are_every_subset_of_the_allowed_views():
+    from training.evaluation.selection import tta_candidates
+
+    names = [t.name for t in tta_candidates(TTA.parse("flip,scale", (0.75, 1.0, 1.25)))]
+    assert names == ["none", "scale(0.75,1)", "scale(1,1.25)", "scale(0.75,1,1.25)",
+                     "hflip", "hflip+scale(0.75,1)", "hflip+scale(1,1.25)", "hflip+scale(0.75,1,1.25)"]
+    assert [t.name for t in tta_candidates(TTA())] == ["none"]
+
+
+def _oof_fold(tmp_path, probs, target):
+    from training.evaluation.selection import OOFFold, quantize
+
+    OOFFold.save(tmp_path / "f", list(range(target.shape[0])), np.stack([quantize(p) for p in probs]), target.numpy().astype(np.uint8))
+    return OOFFold.load(tmp_path / "f")
+
+
+def test_greedy_weights_with_replacement_never_below_the_best_single(tmp_path):
+    from training.evaluation.selection import ensemble_matrix, greedy_weights
+    from training.evaluation.metrics import SegScores
+
+    torch.manual_seed(1)
+    target = torch.randint(0, 3, (4, 16, 16))
+    truth = F.one_hot(target, 3).permute(0, 3, 1, 2).float()
+    probs = [(truth * w + torch.rand(4, 3, 16, 16) * (1 - w)).softmax(1) for w in (0.6, 0.3, 0.2)]
+    fold = _oof_fold(tmp_path, probs, target)
+    weights, score, steps = greedy_weights([fold], "soft", 3, None)
+    singles = [SegScores.from_matrix(ensemble_matrix([fold], [int(i == j) for j in range(3)], "soft", 3, None)).miou for i in range(3)]
+    assert steps[0]["miou"] == max(singles) and score >= max(singles) and weights[int(np.argmax(singles))] >= 1
+    assert score == max(s["miou"] for s in steps) and sum(weights) <= len(steps)
+    assert SegScores.from_matrix(ensemble_matrix([fold], weights, "soft", 3, None)).miou == score
+
+
+def test_postprocess_removes_small_components_only_where_oof_improves(tmp_path):
+    from training.evaluation.postprocess import PostProcess
+    from training.evaluation.selection import search_postprocess
+
+    target = torch.zeros(2, 32, 32, dtype=torch.long)
+    target[:, 4:20, 4:20] = 1  # one large object of class 1 per image; class 2 is never there
+    probs = F.one_hot(target, 3).permute(0, 3, 1, 2).float() * 0.8 + 0.1
+    probs[:, 2, 28:30, 28:30] = 0.95  # 4-pixel false specks of class 2, next best: background
+    fold = _oof_fold(tmp_path, [probs], target)
+    found, candidates = search_postprocess([fold], [1], "soft", 3, None)
+    assert found.min_area.get(2, 0) > 0 and 1 not in found.min_area  # removing the object would hurt class 1
+    assert {c["class_id"] for c in candidates} == {1, 2}
+    labels = probs.argmax(1)[0].numpy().astype(np.uint8)
+    cleaned = found.apply(labels, probs[0].numpy())
+    assert (cleaned == target[0].numpy()).all() and (labels != cleaned).sum() == 4
+    assert PostProcess.from_names(found.to_names(["bg", "a", "b"]), ["bg", "a", "b"]) == found

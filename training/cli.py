@@ -37,9 +37,10 @@ def run_cli(main: Callable[[], int | None]) -> None:
     sys.exit(code or 0)
 
 
-def add_stage_options(p: argparse.ArgumentParser, *, experiment: str, data: str, smoke: str, resume: str, mlflow: str) -> None:
+def add_stage_options(p: argparse.ArgumentParser, *, experiment: str, data: str, smoke: str, resume: str, mlflow: str,
+                      several_experiments: bool = False) -> None:
     """The options every stage's CLI shares (with that stage's help texts)."""
-    p.add_argument("--experiment", help=experiment)
+    p.add_argument("--experiment", action="append" if several_experiments else "store", help=experiment)
     p.add_argument("--data", help=data)
     p.add_argument("--smoke", action="store_true", help=smoke)
     p.add_argument("--resume", action="store_true", help=resume)

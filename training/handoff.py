@@ -93,31 +93,57 @@ class BestConfigs(_Document):
         return doc, [entry.to_config(f"{path}: configs[{i}].config") for i, entry in enumerate(doc.configs)]
 
 
-class FoldModel(BaseModel):
+class TTASpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    hflip: bool = False
+    vflip: bool = False
+    scales: list[float] = Field(default_factory=lambda: [1.0])
+
+
+class EnsembleMember(BaseModel):
+    """One fold model of the ensemble; its weight is its config's (how often selection picked it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str  # best.pt; relative paths are relative to the file that names them
+    experiment: str
     rank: int
     fold: int
-    checkpoint: str
-    val_miou: float
-    epochs: int
+    weight: float = Field(default=1.0, gt=0)
+    val_miou: float | None = None
+    epochs: int | None = None
+
+
+class EnsembleSpec(BaseModel):
+    """Everything needed to run the selected ensemble: members, TTA views, vote, post-processing.
+
+    The submission, predict.py, the MLflow model and the ONNX export all build from this one spec
+    (evaluation/ensemble.py), so they predict the same masks.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    classes: list[str] = Field(min_length=2)
+    members: list[EnsembleMember] = Field(min_length=1)
+    tta: TTASpec = Field(default_factory=TTASpec)
+    vote: Literal["soft", "hard"] = "soft"
+    postprocess: dict[str, float] = Field(default_factory=dict)  # class name -> smallest component kept, fraction of the image
 
 
 class KFoldResult(_Document):
-    """results/<experiment>/kfold/kfold_result.yaml: the selected ensemble, for the stages after the k-fold."""
+    """results/<name>/kfold/kfold_result.yaml: the selected ensemble, for the stages after the k-fold."""
 
     format: Literal["segtune.kfold_result"] = "segtune.kfold_result"
-    version: Literal[1] = 1
-    experiment: str
-    best_configs: str
+    version: Literal[2] = 2
+    experiment: str  # the k-fold's name: the search's experiment, or the name of an ensemble across searches
+    sources: list[str]  # the best_configs.yaml files whose configs were candidates
     data_root: str
     fold_manifest: str | None
     n_folds: int
-    tta: str
-    vote: Literal["soft", "hard"]
-    selected_ranks: list[int]
-    models: list[FoldModel]  # the selected configs' fold checkpoints
+    ensemble: EnsembleSpec
     oof_miou: float
+    decisions: str  # summary.json: every candidate scored for each choice
     submission: str
     mlflow_tracking_uri: str | None = None
     mlflow_parent_run_id: str | None = None

@@ -58,11 +58,23 @@ def epochs_completed(out_dir: Path) -> int:
     return int((read_metrics(out_dir) or {}).get("epochs_trained", 0))
 
 
-def status(out_dir: Path, epochs: int) -> str:
-    """DONE (metrics.json complete, best.pt, last.pt at the target epoch), PARTIAL or NEW."""
+def status(out_dir: Path, epochs: int, finished_without_last: bool = False) -> str:
+    """DONE (metrics.json complete, best.pt, last.pt at the target epoch), PARTIAL or NEW.
+
+    finished_without_last: also DONE without last.pt when metrics.json and best.pt say the run
+    finished (a finished search trial's resume state is dropped by tune/results.py). Not for
+    directories that may still be arriving (a checkpoint being copied has no last.pt yet).
+    """
     out_dir = Path(out_dir)
     if not (out_dir / LAST).is_file():
-        return NEW
+        if not finished_without_last:
+            return NEW
+        try:
+            metrics = read_metrics(out_dir) or {}
+        except (OSError, ValueError):
+            return NEW
+        complete = metrics.get("epochs_trained", 0) >= epochs and len(metrics.get("history", [])) >= epochs and (out_dir / BEST).is_file()
+        return DONE if complete else NEW
     try:
         metrics = read_metrics(out_dir) or {}
         if metrics.get("epochs_trained", 0) < epochs or len(metrics.get("history", [])) < epochs or not (out_dir / BEST).is_file():
@@ -93,6 +105,12 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu"):
 
     The checkpoint holds every weight, so the encoder's pretrained file is not needed.
     """
+    model, cfg, fold, _ = load_model_and_classes(checkpoint, device)
+    return model, cfg, fold
+
+
+def load_model_and_classes(checkpoint: str | Path, device: torch.device | str = "cpu"):
+    """load_model plus the class names the model was trained for."""
     from training.config import config_from_dict
     from training.modeling.models import build_model
 
@@ -100,4 +118,4 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu"):
     cfg = config_from_dict(state["config"], f"{checkpoint}: config")
     model = build_model(cfg.model.model_copy(update={"encoder_weights": None}), len(state["classes"]))
     model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg, state.get("fold")
+    return model.to(device).eval(), cfg, state.get("fold"), list(state["classes"])

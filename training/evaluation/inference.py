@@ -5,7 +5,7 @@ are un-flipped and resized (bilinear) to `out_size`; the views' softmax probabil
 averaged. Callers pick the size:
 - validation and OOF scoring: the masks' size (data.score_size), exactly as the trainer scores
   (argmax of the resized logits), so a single model's OOF numbers reproduce its val mIoU;
-- test prediction (`iter_predictions`): the ensemble frame, the largest member input size,
+- test prediction (evaluation/ensemble.py): the ensemble frame, the largest member input size,
   so no model is upsampled before the vote; only the final label mask is resized,
   nearest-neighbour, to the requested output size (the submission's 256).
 """
@@ -19,9 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.evaluation.members import Member, ensemble_frame, model_inputs
+from training.evaluation.members import Member, model_inputs
 from training.evaluation.tta import TTA, view_logits
-from training.evaluation.vote import VoteAccumulator
 
 
 @dataclass
@@ -48,6 +47,7 @@ class Batch:
     targets: torch.Tensor | None  # N x H x W (long, on the device) for labelled loaders
     images: torch.Tensor  # the loader's uint8 images of the first input spec (for overlays)
     outputs: list[MemberOutput]
+    inputs: list[torch.Tensor] | None = None  # each member's prepared input (keep_inputs=True)
 
 
 def member_output(member: Member, images: torch.Tensor, out_size: tuple[int, int], tta: TTA) -> MemberOutput:
@@ -61,6 +61,25 @@ def member_output(member: Member, images: torch.Tensor, out_size: tuple[int, int
     return MemberOutput(logits, total / len(views))
 
 
+def member_view_probs(member: Member, images: torch.Tensor, out_size: tuple[int, int], tta: TTA) -> tuple[torch.Tensor, dict]:
+    """(identity-view logits, {(scale, flipped dims): probabilities} of every view of `tta`)."""
+    views = tta.views()
+    logits = view_logits(member.model, images, out_size, *views[0], member.divisor, member.dtype)
+    probs = {views[0]: logits.softmax(1)}
+    for scale, dims in views[1:]:
+        probs[(scale, dims)] = view_logits(member.model, images, out_size, scale, dims, member.divisor, member.dtype).softmax(1)
+    return logits, probs
+
+
+def candidate_proba(view_probs: dict, candidate: TTA) -> torch.Tensor:
+    """The mean probability over the views of `candidate` (a subset of the views computed)."""
+    views = candidate.views()
+    total = view_probs[views[0]].clone()
+    for view in views[1:]:
+        total += view_probs[view]
+    return total / len(views)
+
+
 @torch.no_grad()
 def predict_batches(
     members: Sequence[Member],
@@ -68,11 +87,13 @@ def predict_batches(
     out_size: tuple[int, int] | None = None,
     tta: TTA = TTA(),
     device: torch.device | str = "cpu",
+    keep_inputs: bool = False,
 ) -> Iterator[Batch]:
     """Every member's output per batch, one batch in memory at a time.
 
     `loader` yields (inputs, masks, ids) or (inputs, ids); inputs is one uint8 tensor or a tuple
     with one per InputSpec (MultiInputTransform). `out_size` None: the masks' size.
+    keep_inputs: hand over each member's prepared input instead of predicting (the caller runs its own views).
     """
     for batch in loader:
         inputs, targets, ids = batch if len(batch) == 3 else (batch[0], None, batch[1])
@@ -80,9 +101,12 @@ def predict_batches(
         prepared = model_inputs(members, inputs, device)
         if targets is not None:
             targets = targets.to(device, non_blocking=True).long()
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        if keep_inputs:
+            yield Batch(ids, targets, inputs[0], [], [prepared[m.input_index] for m in members])
+            continue
         size = out_size or tuple(targets.shape[-2:])
         outputs = [member_output(m, prepared[m.input_index], size, tta) for m in members]
-        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
         yield Batch(ids, targets, inputs[0], outputs)
 
 
@@ -99,20 +123,3 @@ def resize_labels(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if mask.shape == tuple(size):
         return mask
     return cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
-
-
-def iter_predictions(
-    members: Sequence[Member],
-    loader: Iterable,
-    out_size: tuple[int, int],
-    tta: TTA = TTA(),
-    method: str = "soft",
-    device: torch.device | str = "cpu",
-) -> Iterator[tuple[Any, np.ndarray]]:
-    """(image id, uint8 label mask at `out_size`) per image: the members vote in the ensemble frame."""
-    for batch in predict_batches(members, loader, ensemble_frame(members), tta, device):
-        acc = VoteAccumulator(hard=method == "hard")
-        for out in batch.outputs:
-            acc.add(out.final)
-        for image_id, mask in zip(batch.ids, acc.labels(method).to(torch.uint8).cpu().numpy()):
-            yield image_id, resize_labels(mask, out_size)

@@ -65,16 +65,17 @@ class Member:
     divisor: int = 32
     dtype: torch.dtype | None = None
     memory_format: torch.memory_format = torch.contiguous_format
+    classes: list[str] | None = None
 
 
 def load_member(checkpoint: str | Path, rank: int, device: torch.device) -> Member:
     """A model from a trainer best.pt/last.pt (weights only; no pretrained download needed)."""
-    from training.engine.checkpoint import load_model
+    from training.engine.checkpoint import load_model_and_classes
     from training.engine.trainer import amp_dtype
     from training.modeling.models import arch_spec
 
-    model, cfg, fold = load_model(checkpoint, device)
-    return Member(rank, fold, model, cfg, 0, arch_spec(cfg.model.arch).divisor, amp_dtype(cfg.trainer.amp, device))
+    model, cfg, fold, classes = load_model_and_classes(checkpoint, device)
+    return Member(rank, fold, model, cfg, 0, arch_spec(cfg.model.arch).divisor, amp_dtype(cfg.trainer.amp, device), classes=classes)
 
 
 def load_members(checkpoints: Sequence[str | Path]) -> tuple[list[Member], torch.device]:

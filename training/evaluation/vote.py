@@ -2,7 +2,7 @@
 
 - soft: argmax of the mean probability;
 - hard: each model votes with the argmax of its (TTA-averaged) probabilities; the class with
-  most votes wins; a tie goes to the tied class with the highest mean probability, and a tie
+  most votes wins (a weighted model's vote counts its weight); a tie goes to the tied class with the highest mean probability, and a tie
   of that too to the lowest class id (torch.max returns the first maximum).
 """
 
@@ -35,15 +35,18 @@ class VoteAccumulator:
 
     @staticmethod
     def ballot(probs: torch.Tensor) -> torch.Tensor:
-        """One model's vote: 1 at its argmax class, else 0 (N x C x H x W, int32)."""
+        """One model's vote: 1 at its argmax class, else 0 (N x C x H x W, float32 so votes can be weighted)."""
         top = class_argmax(probs, keepdim=True)
-        return torch.zeros(probs.shape, dtype=torch.int32, device=probs.device).scatter_(1, top, 1)
+        return torch.zeros(probs.shape, dtype=torch.float32, device=probs.device).scatter_(1, top, 1.0)
 
-    def add(self, probs: torch.Tensor, ballot: torch.Tensor | None = None) -> None:
-        """Add one model's probabilities (N x C x H x W); `ballot` if already computed."""
-        self.prob_sum = probs.clone() if self.prob_sum is None else self.prob_sum.add_(probs)
+    def add(self, probs: torch.Tensor, ballot: torch.Tensor | None = None, weight: float = 1.0) -> None:
+        """Add one model's probabilities (N x C x H x W) with `weight`; `ballot` if already computed."""
+        weighted = probs if weight == 1.0 else probs * weight
+        self.prob_sum = weighted.clone() if self.prob_sum is None else self.prob_sum.add_(weighted)
         if self.hard:
             ballot = self.ballot(probs) if ballot is None else ballot
+            if weight != 1.0:
+                ballot = ballot * weight
             self.votes = ballot.clone() if self.votes is None else self.votes.add_(ballot)
         self.n += 1
 
@@ -61,11 +64,11 @@ class VoteAccumulator:
         raise ValueError(f"unknown vote {method!r}; choose from {list(VOTES)}")
 
 
-def vote(probs: Sequence[torch.Tensor] | torch.Tensor, method: str = "soft") -> torch.Tensor:
-    """Labels (N x H x W) from several models' probabilities (M x N x C x H x W)."""
+def vote(probs: Sequence[torch.Tensor] | torch.Tensor, method: str = "soft", weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Labels (N x H x W) from several models' probabilities (M x N x C x H x W), optionally weighted."""
     acc = VoteAccumulator()
-    for p in probs:
-        acc.add(p)
+    for i, p in enumerate(probs):
+        acc.add(p, weight=1.0 if weights is None else float(weights[i]))
     return acc.labels(method)
 
 

@@ -31,6 +31,8 @@ class KFoldRun:
     kfold_dir: Path
     log: Log
     stage_id: str = ""
+    name: str = ""  # the k-fold's name: the search's experiment, or the ensemble's across searches
+    sources: list = field(default_factory=list)  # (best_configs.yaml, BestConfigs) per search
     jobs: list[FoldJob] = field(default_factory=list)
     lineage: "Lineage | None" = None
     parent: str | None = None  # the MLflow run key of the k-fold's parent run

@@ -19,7 +19,7 @@ from training.infra.lineage import new_stage_id
 
 KFOLD_DIR = "kfold"
 PLAN = "plan.json"
-MAX_TOP_K = 5  # 2^k - 1 subset confusion matrices per (mode, vote)
+MAX_TOP_K = 5  # 2^k - 1 subset confusion matrices per (TTA candidate, vote), k over all searches
 SMOKE_EPOCH_CAP = 4  # the smoke search's max_t: retrain as long as the search trained
 SMOKE_TTA = "flip"
 DEFAULT_TTA = "flip,scale"
@@ -31,15 +31,25 @@ SEARCH_STATE = "search_state.json"  # a search's own state file: its presence ma
 Log = Callable[[str], None]
 
 
+AUTO = "auto"
+WEIGHTS = ("equal", "greedy")
+POSTPROCESS = ("none", "min_area")
+
+
 @dataclass
 class KFoldOptions:
-    experiment: str | None = None
-    top_k: int = 1
+    experiment: str | None = None  # one search (or the newest); `experiments` for several
+    top_k: int = 1  # per search
     data: str | None = None
     epochs: int | None = None
-    tta: str | None = None  # None: SMOKE_TTA with --smoke, else DEFAULT_TTA
+    tta: str | None = None  # the views OOF may choose from; None: SMOKE_TTA with --smoke, else DEFAULT_TTA
     scales: tuple[float, ...] = (0.75, 1.0, 1.25)
-    vote: str = "soft"
+    fixed_tta: bool = False  # use exactly the --tta views (OOF still scores the others and says if they beat it)
+    vote: str = AUTO  # auto: chosen on OOF; soft/hard: forced
+    weights: str = AUTO  # auto | equal | greedy
+    postprocess: str = AUTO  # auto | none | min_area
+    experiments: list[str] = field(default_factory=list)
+    name: str | None = None  # the ensemble's name across several searches (default: their names joined by '+')
     smoke: bool = False
     resume: bool = False
     address: str | None = None
@@ -49,7 +59,7 @@ class KFoldOptions:
 
 @dataclass
 class Candidate:
-    """One of the top-k configs as the k-fold stage trains it."""
+    """One of the top-k configs (of one search) as the k-fold stage trains it."""
 
     index: int  # bit in subset masks
     rank: int
@@ -58,6 +68,10 @@ class Candidate:
     cfg: Config
     search_val_miou: float | None
     params: dict[str, Any]
+    experiment: str = ""
+    key: str = ""  # its directory and label: the rank, or "<experiment>-<rank>" across searches
+    search_checkpoint: str | None = None  # the trial's best.pt, trained on the search fold
+    search_fold: int | None = None
 
 
 @dataclass
@@ -70,13 +84,15 @@ class FoldJob:
     status: str = ""  # trained | resumed | skipped | logged
     result: dict[str, Any] = field(default_factory=dict)
 
+    reused_from: str | None = None  # a run directory trained earlier for the same config, fold, data and epochs
+
     @property
-    def key(self) -> tuple[int, int]:
-        return self.cand.rank, self.fold
+    def key(self) -> tuple[str, int]:
+        return self.cand.key, self.fold
 
     @property
     def name(self) -> str:
-        return f"config {self.cand.rank} fold {self.fold}"
+        return f"config {self.cand.key} fold {self.fold}"
 
 
 def _explicit_best_configs(experiment: str, root: Path) -> Path:
@@ -119,15 +135,20 @@ def _dotted(tree: dict[str, Any], dotted: str) -> Any:
     return tree
 
 
-def check_options(options: KFoldOptions, best: BestConfigs, path: Path) -> None:
+def check_options(options: KFoldOptions, best: BestConfigs, path: Path, n_sources: int = 1) -> None:
     if options.top_k < 1:
         raise ConfigError(f"--top-k: must be >= 1, got {options.top_k}")
-    if options.top_k > MAX_TOP_K:
+    total = options.top_k * n_sources
+    if total > MAX_TOP_K:
         raise ConfigError(
-            f"--top-k: at most {MAX_TOP_K}, got {options.top_k}: ensemble selection scores all 2^k-1 subsets of the configs "
-            f"on every OOF batch ({2 ** options.top_k - 1} at k={options.top_k}, vs {2 ** MAX_TOP_K - 1} at k={MAX_TOP_K}), "
-            "and each config adds one training per fold"
+            f"--top-k: at most {MAX_TOP_K} configs over all searches, got {options.top_k} x {n_sources}: ensemble selection scores "
+            f"all 2^k-1 subsets of the configs on every OOF batch ({2 ** total - 1} at k={total}, vs {2 ** MAX_TOP_K - 1} at "
+            f"k={MAX_TOP_K}), and each config adds one training per fold"
         )
+    for flag, value, allowed in (("--vote", options.vote, ("soft", "hard")), ("--weights", options.weights, WEIGHTS),
+                                 ("--postprocess", options.postprocess, POSTPROCESS)):
+        if value != AUTO and value not in allowed:
+            raise ConfigError(f"{flag}: {value!r} is not one of {[AUTO, *allowed]}")
     if options.top_k > len(best.configs):
         raise ConfigError(f"--top-k {options.top_k}: {path} has only {len(best.configs)} config(s)")
     if options.epochs is not None and options.epochs < 1:
@@ -148,12 +169,16 @@ def _stage_tree(cfg: Config, options: KFoldOptions, best: BestConfigs) -> dict[s
     return tree
 
 
-def build_candidates(best: BestConfigs, cfgs: list[Config], options: KFoldOptions, path: Path) -> list[Candidate]:
-    """The top-k configs with the stage's overrides (--data, --smoke, --epochs) applied and validated."""
-    check_options(options, best, path)
+def build_candidates(best: BestConfigs, cfgs: list[Config], options: KFoldOptions, path: Path, first_index: int = 0,
+                     n_sources: int = 1, previous: list[Candidate] = ()) -> list[Candidate]:
+    """The top-k configs with the stage's overrides (--data, --smoke, --epochs) applied and validated.
+
+    `previous`: the candidates of the searches before this one; all must share data and folds.
+    """
+    check_options(options, best, path, n_sources)
     ranked = sorted(range(len(best.configs)), key=lambda i: best.configs[i].rank)[: options.top_k]
     candidates = []
-    for index, i in enumerate(ranked):
+    for index, i in enumerate(ranked, start=first_index):
         entry = best.configs[i]
         tree = _stage_tree(cfgs[i], options, best)
         if options.epochs is not None:
@@ -162,15 +187,18 @@ def build_candidates(best: BestConfigs, cfgs: list[Config], options: KFoldOption
             epochs = min(entry.epochs_trained, SMOKE_EPOCH_CAP) if options.smoke else entry.epochs_trained
         tree["trainer"]["epochs"] = epochs  # the schedule (cosine, poly, onecycle) spans exactly these epochs
         cfg = config_from_dict(tree, f"{path}: configs[{i}].config")
-        candidates.append(Candidate(index, entry.rank, entry.trial_id, epochs, cfg, entry.best_val_miou, dict(entry.params)))
-    first = candidates[0].cfg.to_dict()
-    for cand in candidates[1:]:
+        key = str(entry.rank) if n_sources == 1 else f"{best.experiment}-{entry.rank}"
+        candidates.append(Candidate(index, entry.rank, entry.trial_id, epochs, cfg, entry.best_val_miou, dict(entry.params),
+                                    best.experiment, key, entry.checkpoint, best.fold))
+    everyone = [*previous, *candidates]
+    first = everyone[0].cfg.to_dict()
+    for cand in everyone[1:]:
         other = cand.cfg.to_dict()
         for key in SHARED_KEYS:
             if _dotted(first, key) != _dotted(other, key):
                 raise ConfigError(
-                    f"{path}: configs[rank {cand.rank}].config.{key}: {_dotted(other, key)!r} differs from rank "
-                    f"{candidates[0].rank}'s {_dotted(first, key)!r}; ensembled configs must share data and folds"
+                    f"{path}: configs[rank {cand.rank}].config.{key}: {_dotted(other, key)!r} differs from config "
+                    f"{everyone[0].key}'s {_dotted(first, key)!r}; ensembled configs must share data and folds"
                 )
     return candidates
 
@@ -182,24 +210,68 @@ def check_plan(kfold_dir: Path, candidates: list[Candidate], resume: bool) -> st
     """
     plan_path = kfold_dir / PLAN
     existing = read_json(plan_path, {}) or {}
-    has_folds = any(kfold_dir.glob("*/fold*/last.pt"))
+    has_folds = any(kfold_dir.glob("*/fold*/best.pt")) or any(kfold_dir.glob("*/fold*/last.pt"))
     if (existing or has_folds) and not resume:
         raise ConfigError(f"{kfold_dir}: holds a previous k-fold run; pass --resume to continue it, or move it away to start over")
     ranks = dict(existing.get("ranks", {}))
     for cand in candidates:
         want = {"trial_id": cand.trial_id, "epochs": cand.epochs}
-        have = ranks.get(str(cand.rank))
+        have = ranks.get(cand.key)
         if have is not None and have != want:
             key = next(k for k in ("trial_id", "epochs") if have.get(k) != want[k])
             raise ConfigError(
-                f"{plan_path}: ranks.{cand.rank}.{key}: the run being resumed has {have.get(key)!r}, this one asks "
+                f"{plan_path}: ranks.{cand.key}.{key}: the run being resumed has {have.get(key)!r}, this one asks "
                 f"{want[key]!r} (same --epochs/--smoke as before, or move {kfold_dir} away)"
             )
-        ranks[str(cand.rank)] = want
+        ranks[cand.key] = want
     stage_id = existing.get("stage_id") or new_stage_id()
     kfold_dir.mkdir(parents=True, exist_ok=True)
     write_json(plan_path, {"ranks": ranks, "stage_id": stage_id})
     return stage_id
+
+
+def check_same_folds(data, best: BestConfigs, path: Path) -> None:
+    """Another search's fold manifest must assign every image to the same fold: OOF scores are then comparable."""
+    from training.data.folds import load_manifest
+
+    if not best.fold_manifest or not Path(best.fold_manifest).is_file():
+        return  # same data and folds settings (checked on the configs) give the same folds
+    if load_manifest(Path(best.fold_manifest)).fold_of != data.manifest.fold_of:
+        raise ConfigError(f"{path}: fold_manifest {best.fold_manifest} splits the images differently from {data.manifest.path}; "
+                          "searches ensembled together must share their folds")
+
+
+# Config keys that do not change what a run trains: a checkpoint that differs only in these is the same run.
+NOT_TRAINING = ("search", "data.num_workers", "data.cache_dir", "data.image_cache", "trainer.overlays")
+
+
+def training_view(tree: dict[str, Any]) -> dict[str, Any]:
+    import copy
+
+    tree = copy.deepcopy(tree)
+    for dotted in NOT_TRAINING:
+        *parents, last = dotted.split(".")
+        node = tree
+        for key in parents:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return tree
+
+
+def reusable_run(src_dir: Path, cand: Candidate, fold: int) -> str | None:
+    """Why `src_dir` cannot stand in for training (cand, fold), or None when it can: complete for the same epochs,
+    the same config (data root, seed and schedule included) and fold."""
+    from training.engine import checkpoint
+
+    if checkpoint.status(src_dir, cand.epochs, finished_without_last=True) != checkpoint.DONE:
+        return f"not trained for {cand.epochs} epochs"
+    state = checkpoint.load(src_dir / checkpoint.BEST)
+    if state.get("fold") != fold:
+        return f"trained on fold {state.get('fold')}"
+    if training_view(state["config"]) != training_view(cand.cfg.to_dict()):
+        return "trained with another config"
+    return None
 
 
 def prepare_kfold_data(cfg: Config, best: BestConfigs, path: Path, log: Log):

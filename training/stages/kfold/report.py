@@ -11,11 +11,10 @@ from typing import Any
 import numpy as np
 
 from training.engine import checkpoint
-from training.evaluation.selection import MODES, SubsetScorer, subset_members
-from training.evaluation.vote import VOTES
-from training.handoff import KFOLD_RESULT, FoldModel, KFoldResult
+from training.handoff import KFOLD_RESULT, KFoldResult
 from training.infra.fs import write_json
 from training.stages.kfold.context import KFoldRun
+from training.stages.kfold.oof import Decisions
 
 SUMMARY = "summary.json"
 
@@ -24,12 +23,7 @@ def _nan_to_none(values: dict[str, float]) -> dict[str, float | None]:
     return {k: (None if v is None or math.isnan(v) else v) for k, v in values.items()}
 
 
-def _modes(scorer: SubsetScorer, mask: int) -> dict[str, float]:
-    """The OOF mIoU of one subset under every (TTA mode, vote)."""
-    return {f"{method}{'_tta' if mode == 'tta' else ''}": scorer.scores(mode, method, mask).miou for mode in MODES for method in VOTES}
-
-
-def _fold_rows(run: KFoldRun, cand) -> list[dict[str, Any]]:
+def _fold_rows(run: KFoldRun, cand, tta_name: str) -> list[dict[str, Any]]:
     rows = []
     for job in (j for j in run.jobs if j.cand is cand):
         metrics = checkpoint.read_metrics(job.out_dir)
@@ -39,43 +33,49 @@ def _fold_rows(run: KFoldRun, cand) -> list[dict[str, Any]]:
             "val_miou": metrics["best_miou"],
             "best_epoch": metrics["best_epoch"],
             "epochs_trained": metrics["epochs_trained"],
-            "oof_miou": fold_oof.get("plain"),
-            "oof_miou_tta": fold_oof.get("tta"),
+            "oof_miou": fold_oof.get("none"),
+            "oof_miou_tta": fold_oof.get(tta_name),
             "status": job.status,
+            "reused_from": job.reused_from,
             "checkpoint": str(job.out_dir / checkpoint.BEST),
             "mlflow_run_id": run.lineage.run_id(job.run_key) if run.lineage else None,
         })
     return rows
 
 
-def build_summary(run: KFoldRun, scorer: SubsetScorer, selected: int, steps: list[dict], submission: dict) -> dict[str, Any]:
-    """Everything summary.json reports: per (config, fold), per config, the ensembles, the submission."""
+def build_summary(run: KFoldRun, decisions: Decisions, submission: dict) -> dict[str, Any]:
+    """Everything summary.json reports: per (config, fold), per config, every decision and its candidates, the submission."""
+    scorer, mode = decisions.scorer, decisions.tta.name
     configs = []
     for cand in run.candidates:
-        folds = _fold_rows(run, cand)
+        folds = _fold_rows(run, cand, mode)
         mask = 1 << cand.index  # a single config: soft and hard vote agree
         configs.append({
-            "rank": cand.rank, "trial_id": cand.trial_id, "params": cand.params, "search_val_miou": cand.search_val_miou,
-            "epochs": cand.epochs, "folds": folds, "mean_fold_val_miou": float(np.mean([f["val_miou"] for f in folds])),
-            "oof_miou": scorer.scores("plain", "soft", mask).miou, "oof_miou_tta": scorer.scores("tta", "soft", mask).miou,
+            "key": cand.key, "experiment": cand.experiment, "rank": cand.rank, "trial_id": cand.trial_id, "params": cand.params,
+            "search_val_miou": cand.search_val_miou, "epochs": cand.epochs, "folds": folds,
+            "mean_fold_val_miou": float(np.mean([f["val_miou"] for f in folds])),
+            "oof_miou": scorer.scores("none", "soft", mask).miou, "oof_miou_tta": scorer.scores(mode, "soft", mask).miou,
+            "weight": decisions.weights[cand.index],
         })
-    mode, vote, ranks = ("tta" if run.tta.enabled else "plain"), run.options.vote, [c.rank for c in run.candidates]
-    chosen = scorer.scores(mode, vote, selected, run.data.classes)
+    keys = [c.key for c in run.candidates]
     return {
-        "experiment": run.best.experiment, "best_configs": str(run.best_path.resolve()), "kfold_dir": str(run.kfold_dir),
-        "data_root": str(run.data.index.root), "fold_manifest": str(run.data.manifest.path), "n_folds": run.n_folds,
-        "tta": run.tta.name, "vote": vote, "smoke": run.options.smoke, "configs": configs,
+        "experiment": run.name, "sources": [str(p.resolve()) for p, _ in run.sources], "best_configs": str(run.best_path.resolve()),
+        "kfold_dir": str(run.kfold_dir), "data_root": str(run.data.index.root), "fold_manifest": str(run.data.manifest.path),
+        "n_folds": run.n_folds, "tta": mode, "tta_allowed": run.tta.name, "vote": decisions.vote, "smoke": run.options.smoke,
+        "configs": configs,
         "oof": {"images": run.oof_images, "score_size": run.score_size},
+        "decisions": decisions.record,
         "ensemble": {
-            "candidates": ranks,
-            "selection_metric": f"oof_miou_{vote}{'_tta' if run.tta.enabled else ''}",
-            "selection_steps": [dict(s, subset=[ranks[i] for i in s["subset"]]) for s in steps],
-            "selected_ranks": [ranks[i] for i in subset_members(selected)],
-            "selected": _modes(scorer, selected),
-            "all_candidates": _modes(scorer, 2 ** len(ranks) - 1),
-            "oof_miou": chosen.miou,
-            "per_class_iou": _nan_to_none(chosen.per_class_iou),
+            "candidates": keys,
+            "selected": [keys[i] for i in decisions.members],
+            "selected_ranks": [run.candidates[i].rank for i in decisions.members],
+            "weights": {keys[i]: decisions.weights[i] for i in decisions.members},
+            "postprocess": decisions.postprocess.to_names(run.data.classes),
+            "oof_miou": decisions.scores.miou,
+            "per_class_iou": _nan_to_none(decisions.scores.per_class_iou),
             "mean_fold_val_miou": float(np.mean([f["val_miou"] for c in configs for f in c["folds"]])),
+            "per_search": decisions.record["weights"]["per_search"],
+            "notes": decisions.notes,
         },
         "submission": submission,
         "timings": run.timings,
@@ -101,16 +101,22 @@ def log_ensemble(run: KFoldRun, summary: dict, matrix: np.ndarray) -> str | None
     lineage.run(key, "ensemble", "kfold_ensemble", {"segtune.ensemble_key": digest}, parent=run.parent)
     parent_metrics = {"ensemble_oof_miou": ens["oof_miou"]}
     for c in summary["configs"]:
-        parent_metrics |= {f"oof_miou_rank{c['rank']}": c["oof_miou"], f"oof_miou_tta_rank{c['rank']}": c["oof_miou_tta"],
-                           f"mean_fold_val_miou_rank{c['rank']}": c["mean_fold_val_miou"]}
+        parent_metrics |= {f"oof_miou_{_metric(c['key'])}": c["oof_miou"], f"oof_miou_tta_{_metric(c['key'])}": c["oof_miou_tta"],
+                           f"mean_fold_val_miou_{_metric(c['key'])}": c["mean_fold_val_miou"]}
     tracker.log_metrics(run.parent, parent_metrics)
-    lineage.set_tags(run.parent, {"segtune.selected_ranks": ",".join(map(str, ens["selected_ranks"])), "segtune.tta": summary["tta"], "segtune.vote": summary["vote"]})
-    metrics = {"oof_miou": ens["oof_miou"], "mean_fold_val_miou": ens["mean_fold_val_miou"]}
-    metrics |= {f"oof_miou_{k}": v for k, v in ens["selected"].items()}
-    metrics |= {f"oof_miou_all_{k}": v for k, v in ens["all_candidates"].items()}
-    metrics |= {f"iou_{''.join(ch if ch.isalnum() else '_' for ch in n)}": v for n, v in ens["per_class_iou"].items() if v is not None}
+    lineage.set_tags(run.parent, {"segtune.selected_ranks": ",".join(ens["selected"]), "segtune.tta": summary["tta"], "segtune.vote": summary["vote"]})
+    decisions = summary["decisions"]
+    metrics = {"oof_miou": ens["oof_miou"], "mean_fold_val_miou": ens["mean_fold_val_miou"],
+               "oof_miou_before_postprocess": decisions["postprocess"]["oof_miou_before"]}
+    metrics |= {f"oof_miou_tta_{_metric(m)}": v for m, v in decisions["tta"]["candidates"].items()}
+    metrics |= {f"oof_miou_vote_{v}": s for v, s in decisions["vote"]["candidates"].items()}
+    metrics |= {f"oof_miou_weights_{w}": s for w, s in decisions["weights"]["candidates"].items()}
+    metrics |= {f"oof_miou_search_{_metric(e)}": v["oof_miou"] for e, v in ens["per_search"].items()}
+    metrics |= {f"iou_{_metric(n)}": v for n, v in ens["per_class_iou"].items() if v is not None}
     tracker.log_metrics(key, metrics)
-    tracker.log_params(key, {"selected_ranks": ens["selected_ranks"], "candidates": ens["candidates"], "tta": summary["tta"], "vote": summary["vote"]})
+    tracker.log_params(key, {"selected": ens["selected"], "weights": ens["weights"], "candidates": ens["candidates"], "tta": summary["tta"],
+                             "vote": summary["vote"], "postprocess": ens["postprocess"] or "none"})
+    tracker.log_text(key, json.dumps(decisions, indent=1, default=str), "decisions.json")
     tracker.log_artifact(key, plots / CONFUSION)
     tracker.log_artifact(key, plots / PER_CLASS_IOU)
     tracker.log_text(key, json.dumps(summary, indent=1, default=str), "summary.json")
@@ -119,55 +125,91 @@ def log_ensemble(run: KFoldRun, summary: dict, matrix: np.ndarray) -> str | None
     return key
 
 
-def hand_off(run: KFoldRun, summary: dict) -> KFoldResult:
-    """kfold_result.yaml: the selected configs' fold checkpoints and scores, for the stages after this one."""
-    ens = summary["ensemble"]
-    models = [FoldModel(rank=c["rank"], fold=f["fold"], checkpoint=f["checkpoint"], val_miou=f["val_miou"], epochs=f["epochs_trained"])
-              for c in summary["configs"] if c["rank"] in ens["selected_ranks"] for f in c["folds"]]
+def _metric(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in str(name))
+
+
+def hand_off(run: KFoldRun, summary: dict, decisions: Decisions) -> KFoldResult:
+    """kfold_result.yaml: the selected ensemble (checkpoints relative to the k-fold directory) and its OOF score."""
+    from training.stages.kfold.stage import ensemble_spec
+
     mlflow = summary.get("mlflow", {})
     result = KFoldResult(
-        experiment=summary["experiment"], best_configs=summary["best_configs"], data_root=summary["data_root"],
-        fold_manifest=summary["fold_manifest"], n_folds=summary["n_folds"], tta=summary["tta"], vote=summary["vote"],
-        selected_ranks=ens["selected_ranks"], models=models, oof_miou=ens["oof_miou"], submission=summary["submission"]["path"],
+        experiment=summary["experiment"], sources=summary["sources"], data_root=summary["data_root"],
+        fold_manifest=summary["fold_manifest"], n_folds=summary["n_folds"], ensemble=ensemble_spec(run, decisions, relative=True),
+        oof_miou=summary["ensemble"]["oof_miou"], decisions=str(run.kfold_dir / SUMMARY), submission=summary["submission"]["path"],
         mlflow_tracking_uri=mlflow.get("tracking_uri"), mlflow_parent_run_id=mlflow.get("parent_run_id"),
     )
     result.write(run.kfold_dir / KFOLD_RESULT)
     return result
 
 
-def finish(run: KFoldRun, scorer: SubsetScorer, selected: int, steps: list[dict], submission: dict) -> dict[str, Any]:
-    """summary.json, the ensemble run, kfold_result.yaml and the printed table."""
-    summary = build_summary(run, scorer, selected, steps, submission)
-    mode = "tta" if run.tta.enabled else "plain"
-    ensemble_key = log_ensemble(run, summary, scorer.matrix(mode, run.options.vote, selected))
+def finish(run: KFoldRun, decisions: Decisions, submission: dict) -> dict[str, Any]:
+    """summary.json, the ensemble run, kfold_result.yaml, the registered MLflow model and the printed table."""
+    summary = build_summary(run, decisions, submission)
+    ensemble_key = log_ensemble(run, summary, decisions.matrix)
     run.lineage.tracker.flush(10 if run.lineage.tracker.available else 0)  # the run ids, for the summary
-    summary["mlflow"] = {"tracking_uri": run.lineage.tracker.uri, "experiment_id": run.lineage.tracker.experiments.get(run.best.experiment),
-                         "parent_run_id": run.lineage.run_id(run.parent), "ensemble_run_id": run.lineage.run_id(ensemble_key) if ensemble_key else None}
+    ensemble_run_id = run.lineage.run_id(ensemble_key) if ensemble_key else None
+    summary["mlflow"] = {"tracking_uri": run.lineage.tracker.uri, "experiment_id": run.lineage.tracker.experiments.get(run.name),
+                         "parent_run_id": run.lineage.run_id(run.parent), "ensemble_run_id": ensemble_run_id}
     summary["wall_time_s"] = time.time() - run.started
     write_json(run.kfold_dir / SUMMARY, summary)
-    hand_off(run, summary)
+    hand_off(run, summary, decisions)
+    summary["mlflow"]["model"] = register_model(run, summary, ensemble_run_id)
+    write_json(run.kfold_dir / SUMMARY, summary)
     run.log(format_summary(summary))
     return summary
 
 
+def register_model(run: KFoldRun, summary: dict, run_id: str | None) -> dict[str, Any] | None:
+    """The selected ensemble as a registered MLflow pyfunc model (name = the k-fold's name); None if MLflow is unreachable."""
+    if run_id is None or not run.lineage.tracker.available:
+        run.log("k-fold: MLflow is unreachable: the ensemble is not registered as a model (kfold_result.yaml serves predict.py)")
+        return None
+    from training.delivery.mlflow_model import log_ensemble_model
+
+    try:
+        version = log_ensemble_model(run.kfold_dir / KFOLD_RESULT, run.lineage.tracker.uri, run_id, run.name, log=run.log)
+    except Exception as err:  # the stage's results are on disk; a failed registration must not lose them
+        run.log(f"k-fold: registering the ensemble in MLflow failed ({type(err).__name__}: {err}); kfold_result.yaml still serves predict.py")
+        return None
+    return {"name": run.name, "version": version, "uri": f"models:/{run.name}/{version}"} if version else None
+
+
 def format_summary(summary: dict[str, Any]) -> str:
-    """A readable table: per-fold val mIoU, per-config OOF, ensemble, submission, wall time."""
+    """A readable table: per-fold val mIoU, per-config OOF, every decision with its runner-up, submission, wall time."""
     n = summary["n_folds"]
-    head = f"{'config':>6} {'trial':>12} " + " ".join(f"{'fold' + str(k):>7}" for k in range(n)) + f" {'mean':>7} {'OOF':>7} {'OOF+TTA':>8}"
-    lines = [f"k-fold summary: {summary['experiment']} ({summary['oof']['images']} OOF images, TTA {summary['tta']})", head, "-" * len(head)]
+    head = f"{'config':>10} {'trial':>12} " + " ".join(f"{'fold' + str(k):>7}" for k in range(n)) + f" {'mean':>7} {'OOF':>7} {'OOF+TTA':>8} {'weight':>6}"
+    lines = [f"k-fold summary: {summary['experiment']} ({summary['oof']['images']} OOF images, TTA chosen {summary['tta']})", head, "-" * len(head)]
     for c in summary["configs"]:
-        folds = " ".join(f"{f['val_miou']:>7.4f}" for f in c["folds"])
-        lines.append(f"{c['rank']:>6} {str(c['trial_id'])[-12:]:>12} {folds} {c['mean_fold_val_miou']:>7.4f} {c['oof_miou']:>7.4f} {c['oof_miou_tta']:>8.4f}")
-    ens = summary["ensemble"]
+        folds = " ".join(f"{f['val_miou']:>7.4f}" + ("*" if f.get("reused_from") else "") for f in c["folds"])
+        lines.append(f"{c['key']:>10} {str(c['trial_id'])[-12:]:>12} {folds} {c['mean_fold_val_miou']:>7.4f} {c['oof_miou']:>7.4f} "
+                     f"{c['oof_miou_tta']:>8.4f} {c['weight']:>6}")
+    if any(f.get("reused_from") for c in summary["configs"] for f in c["folds"]):
+        lines.append("* reused: trained earlier for the same config, fold, data and epochs")
     lines.append("-" * len(head))
-    for label, scores in (("selected " + str(ens["selected_ranks"]), ens["selected"]), ("all " + str(ens["candidates"]), ens["all_candidates"])):
-        lines.append(f"ensemble {label}: OOF soft {scores['soft']:.4f} hard {scores['hard']:.4f} | "
-                     f"with TTA soft {scores['soft_tta']:.4f} hard {scores['hard_tta']:.4f}")
-    lines.append(f"selected by {ens['selection_metric']}: {ens['oof_miou']:.4f} (mean single-fold val mIoU {ens['mean_fold_val_miou']:.4f})")
-    sel, vote = ens["selected"], summary["vote"]
-    if summary["tta"] != "none" and sel[f"{vote}_tta"] < sel[vote]:
-        lines.append(f"note: TTA {summary['tta']} lowers the OOF mIoU ({sel[f'{vote}_tta']:.4f} < {sel[vote]:.4f}); consider --tta none")
+    d, ens = summary["decisions"], summary["ensemble"]
+    tta = d["tta"]
+    runner = f"; runner-up {tta['runner_up']['choice']} {tta['runner_up']['oof_miou']:.4f}" if tta["runner_up"] else ""
+    lines.append(f"TTA (OOF mIoU, best subset and vote): {tta['chosen']} {tta['oof_miou']:.4f}{runner} "
+                 f"[" + ", ".join(f"{m} {v:.4f}" for m, v in sorted(tta["candidates"].items(), key=lambda kv: -kv[1])) + "]")
+    lines.append("vote: " + d["vote"]["chosen"] + " [" + ", ".join(f"{v} {s:.4f}" for v, s in d["vote"]["candidates"].items()) + "]"
+                 + (" (forced)" if d["vote"]["forced"] else ""))
+    w = d["weights"]
+    lines.append(f"members and weights: {w['chosen']} [" + ", ".join(f"{name} {score:.4f} {w[name]}" for name, score in
+                                                                  sorted(w["candidates"].items(), key=lambda kv: -kv[1])) + "]")
+    pp = d["postprocess"]
+    lines.append(f"post-processing: {pp['chosen'] or 'none'} (OOF {pp['oof_miou_before']:.4f} -> {pp['oof_miou_after']:.4f}, "
+                 f"{len(pp['candidates'])} candidates scored)")
+    if len(ens["per_search"]) > 1:
+        lines.append("each search alone: " + ", ".join(f"{e} {v['oof_miou']:.4f}" for e, v in ens["per_search"].items()))
+    lines.append(f"ensemble {ens['weights']}: OOF mIoU {ens['oof_miou']:.4f} (mean single-fold val mIoU {ens['mean_fold_val_miou']:.4f})")
+    for note in ens["notes"]:
+        lines.append(f"note: {note}")
     sub = summary["submission"]
     lines.append(f"submission: {sub['path']} ({sub['images']} images x {sub['models']} models, {sub['size']}x{sub['size']})")
+    model = summary.get("mlflow", {}).get("model")
+    if model:
+        lines.append(f"MLflow model: {model['uri']}")
     lines.append(f"wall time {summary['wall_time_s']:.0f}s (" + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in summary["timings"].items()) + ")")
     return "\n".join(lines)

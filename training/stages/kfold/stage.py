@@ -29,12 +29,10 @@ import ray
 
 from training.engine import checkpoint
 from training.errors import ConfigError, SegtuneError
-from training.evaluation.selection import SubsetScorer, greedy_select, subset_members
 from training.evaluation.tta import TTA
-from training.evaluation.vote import VOTES
 from training.handoff import BestConfigs
 from training.infra import lineage as tags
-from training.infra.fs import check_writable, fingerprint, write_json
+from training.infra.fs import check_writable, fingerprint, results_root, write_json
 from training.infra.lineage import Lineage
 from training.infra.locks import StageLock, describe, is_stale, read_holder
 from training.infra.progress import progress
@@ -42,54 +40,76 @@ from training.infra.ray import error_line
 from training.infra.tracking import check_store, close_tracker, flatten, open_tracker
 from training.stages.kfold import report
 from training.stages.kfold.context import KFoldRun
+from training.stages.kfold.oof import Decisions, decide
 from training.stages.kfold.plan import (DEFAULT_TTA, KFOLD_DIR, SMOKE_TTA, FoldJob, KFoldOptions, Log, build_candidates, check_plan,
-                                        find_best_configs, load_test_index, prepare_kfold_data)
-from training.stages.kfold.tasks import oof_fold_task, predict_test_task, train_fold_task
+                                        check_same_folds, find_best_configs, load_test_index, prepare_kfold_data, reusable_run)
+from training.stages.kfold.tasks import predict_test_task, train_fold_task
 
 OUTBOX = "mlflow_outbox.jsonl"
 SUBMISSION_META = "submission.json"
 
 
-def plan_run(options: KFoldOptions, best_path: Path, log: Log) -> KFoldRun:
-    """Every input checked (configs, options, data, test set) before anything is written."""
-    holder = read_holder(best_path.parent)
-    if holder and not is_stale(holder):
-        raise ConfigError(f"{best_path.parent}: its search is running again ({describe(holder)}); start the k-fold when it has finished")
-    best, cfgs = BestConfigs.load(best_path)
-    candidates = build_candidates(best, cfgs, options, best_path)
-    if options.vote not in VOTES:
-        raise ConfigError(f"--vote: {options.vote!r} is not one of {list(VOTES)}")
+def plan_run(options: KFoldOptions, sources: list[Path], kfold_dir: Path, name: str, log: Log) -> KFoldRun:
+    """Every input checked (configs of every search, options, data, test set) before anything is written."""
+    loaded = []
+    for best_path in sources:
+        holder = read_holder(best_path.parent)
+        if holder and not is_stale(holder):
+            raise ConfigError(f"{best_path.parent}: its search is running again ({describe(holder)}); start the k-fold when it has finished")
+        loaded.append((best_path, *BestConfigs.load(best_path)))
+    candidates = []
+    for best_path, best, cfgs in loaded:
+        candidates += build_candidates(best, cfgs, options, best_path, len(candidates), len(loaded), candidates)
     try:
         tta = TTA.parse(options.tta or (SMOKE_TTA if options.smoke else DEFAULT_TTA), options.scales)
     except ValueError as err:
         raise ConfigError(f"--tta: {err}") from None
+    best_path, best, _ = loaded[0]
     data = prepare_kfold_data(candidates[0].cfg, best, best_path, log)
+    for other_path, other, _ in loaded[1:]:
+        check_same_folds(data, other, other_path)
     test_index = load_test_index(candidates[0].cfg, data.classes, log)
-    kfold_dir = best_path.parent / KFOLD_DIR
     run = KFoldRun(options, best, best_path, candidates, data, test_index, tta, kfold_dir, log)
-    run.jobs = [FoldJob(c, k, kfold_dir / str(c.rank) / f"fold{k}") for c in candidates for k in range(run.n_folds)]
+    run.name, run.sources = name, [(p, b) for p, b, _ in loaded]
+    run.jobs = [FoldJob(c, k, kfold_dir / c.key / f"fold{k}") for c in candidates for k in range(run.n_folds)]
     return run
+
+
+def output_of(options: KFoldOptions, log: Log) -> tuple[list[Path], str, Path]:
+    """(best_configs.yaml of each search, the k-fold's name, its directory).
+
+    One search: results/<experiment>/kfold. Several: results/<name>/kfold, name defaulting to
+    the experiments joined by '+'.
+    """
+    names = options.experiments or [options.experiment]
+    sources = [find_best_configs(e, log) for e in names]
+    if len(set(sources)) != len(sources):
+        raise ConfigError(f"--experiment: the same search is named twice ({[str(p.parent.name) for p in sources]})")
+    if len(sources) == 1:
+        return sources, sources[0].parent.name if options.name is None else options.name, sources[0].parent / KFOLD_DIR
+    name = options.name or "+".join(p.parent.name for p in sources)
+    if "/" in name or name in (".", ".."):
+        raise ConfigError(f"--name: {name!r} must be a plain directory name")
+    return sources, name, results_root() / name / KFOLD_DIR
 
 
 def run_kfold(options: KFoldOptions, log: Log = print) -> dict[str, Any]:
     """The whole stage; returns the summary (also written to kfold/summary.json)."""
-    best_path = find_best_configs(options.experiment, log)
-    kfold_dir = best_path.parent / KFOLD_DIR
+    sources, name, kfold_dir = output_of(options, log)
     check_writable(kfold_dir, "the k-fold writes its checkpoints and submission there (SEGTUNE_RESULTS moves the results root)")
     with StageLock(kfold_dir, "k-fold"):
-        run = plan_run(options, best_path, log)
+        run = plan_run(options, sources, kfold_dir, name, log)
         check_store(tracking_uri(options.mlflow_uri, run.best))  # a read-only sqlite file: one line, before plan.json
         run.stage_id = check_plan(run.kfold_dir, run.candidates, options.resume)
-        log(f"k-fold: experiment {run.best.experiment}, configs {[c.rank for c in run.candidates]} x {run.n_folds} folds, "
-            f"epochs {[c.epochs for c in run.candidates]}, TTA {run.tta.name}, vote {options.vote} -> {run.kfold_dir}")
+        log(f"k-fold: {name}: configs {[c.key for c in run.candidates]} x {run.n_folds} folds, "
+            f"epochs {[c.epochs for c in run.candidates]}, TTA within {run.tta.name}, vote {options.vote} -> {run.kfold_dir}")
         open_lineage(run)
         ok = False
         try:
             timed(run, "train_s", train_all, run)
-            scorer = timed(run, "oof_s", score_oof, run)
-            selected, steps = select_ensemble(run, scorer)
-            submission = timed(run, "submission_s", predict_submission, run, selected)
-            summary = report.finish(run, scorer, selected, steps, submission)
+            decisions = timed(run, "oof_s", decide, run)
+            submission = timed(run, "submission_s", predict_submission, run, decisions)
+            summary = report.finish(run, decisions, submission)
             ok = True
             return summary
         finally:
@@ -111,21 +131,21 @@ def tracking_uri(mlflow_uri: str | None, best: BestConfigs) -> str:
 
 def open_lineage(run: KFoldRun) -> None:
     tracker = open_tracker(tracking_uri(run.options.mlflow_uri, run.best), run.kfold_dir / OUTBOX, run.log)
-    run.lineage = Lineage(tracker, run.best.experiment, run.stage_id)
+    run.lineage = Lineage(tracker, run.name, run.stage_id)
     run.parent = run.lineage.key("kfold")
-    if run.lineage.run(run.parent, "kfold", "kfold", {tags.RESULTS_DIR: run.kfold_dir, tags.UPSTREAM: run.best.search_parent_run_id or ""}):
+    upstream = ",".join(b.search_parent_run_id for _, b in run.sources if b.search_parent_run_id)
+    if run.lineage.run(run.parent, "kfold", "kfold", {tags.RESULTS_DIR: run.kfold_dir, tags.UPSTREAM: upstream}):
         run.lineage.log_environment(run.parent)
 
 
-def sync_mlflow(experiment: str | None, mlflow_uri: str | None, log: Log = print) -> int:
-    """Send what an earlier k-fold run of `experiment` left in its outbox; returns the calls still unsent."""
+def sync_mlflow(options: KFoldOptions, log: Log = print) -> int:
+    """Send what an earlier k-fold run left in its outbox; returns the calls still unsent."""
     from training.infra.tracking import sync_outbox
 
-    best_path = find_best_configs(experiment, log)
-    best, _ = BestConfigs.load(best_path)
-    kfold_dir = best_path.parent / KFOLD_DIR
+    sources, _, kfold_dir = output_of(options, log)
+    best, _ = BestConfigs.load(sources[0])
     with StageLock(kfold_dir, "k-fold --sync-mlflow"):
-        return sync_outbox(kfold_dir / OUTBOX, tracking_uri(mlflow_uri, best), log)
+        return sync_outbox(kfold_dir / OUTBOX, tracking_uri(options.mlflow_uri, best), log)
 
 
 def close(run: KFoldRun, ok: bool) -> None:
@@ -143,13 +163,57 @@ def open_children(run: KFoldRun) -> None:
     """Each job's state on disk and its MLflow child run (found again on resume, else created)."""
     lineage = run.lineage
     for job in run.jobs:
-        job.state = checkpoint.status(job.out_dir, job.cand.epochs)
-        job.run_key = lineage.key("fold", job.cand.rank, job.fold)
-        run_tags = {tags.TRIAL_ID: job.cand.trial_id, tags.CONFIG_RANK: job.cand.rank, tags.FOLD: job.fold}
-        if lineage.run(job.run_key, f"config{job.cand.rank}-fold{job.fold}", "kfold_fold", run_tags, parent=run.parent):
+        job.state = checkpoint.status(job.out_dir, job.cand.epochs, finished_without_last=True)
+        if job.state != checkpoint.DONE:
+            reuse_earlier_run(run, job)
+        job.run_key = lineage.key("fold", job.cand.key, job.fold)
+        run_tags = {tags.TRIAL_ID: job.cand.trial_id, tags.CONFIG_RANK: job.cand.rank, tags.FOLD: job.fold, "segtune.search": job.cand.experiment}
+        if job.reused_from:
+            run_tags["segtune.reused_from"] = job.reused_from
+        if lineage.run(job.run_key, f"config{job.cand.key}-fold{job.fold}", "kfold_fold", run_tags, parent=run.parent):
             lineage.tracker.log_params(job.run_key, flatten(job.cand.cfg.to_dict()) | {"kfold.fold": job.fold})
     if lineage.tracker.available:
         lineage.tracker.flush(30)  # learn which runs an earlier session already finished
+
+
+def earlier_runs(run: KFoldRun, job: FoldJob) -> list[tuple[str, Path]]:
+    """Run directories that may already hold (config, fold) trained: the search's trial on its fold, the search's own k-fold."""
+    cand, found = job.cand, []
+    if cand.search_checkpoint and job.fold == cand.search_fold:
+        found.append(("the search's trial", Path(cand.search_checkpoint).parent))
+    own = results_root() / cand.experiment / KFOLD_DIR / str(cand.rank) / f"fold{job.fold}"
+    if own.resolve() != job.out_dir.resolve():
+        found.append((f"the k-fold of {cand.experiment}", own))
+    return found
+
+
+def reuse_earlier_run(run: KFoldRun, job: FoldJob) -> None:
+    """Never pay twice: a run already trained for the same config, fold, data and epochs becomes this job's run directory.
+
+    Files are hard-linked (copied across file systems); the trainer replaces files atomically,
+    so nothing written later in either directory changes the other.
+    """
+    import shutil
+
+    for origin, src in earlier_runs(run, job):
+        if not (src / checkpoint.BEST).is_file():
+            continue
+        why_not = reusable_run(src, job.cand, job.fold)
+        if why_not:
+            run.log(f"k-fold: {job.name}: {origin} at {src} is not reused: {why_not}")
+            continue
+        job.out_dir.mkdir(parents=True, exist_ok=True)
+        for f in sorted(p for p in src.iterdir() if p.is_file()):
+            tmp = job.out_dir / f".{f.name}.reuse"
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(f, tmp)
+            except OSError:
+                shutil.copy2(f, tmp)
+            os.replace(tmp, job.out_dir / f.name)
+        job.state, job.reused_from = checkpoint.DONE, str(src)
+        run.log(f"k-fold: {job.name}: reusing {origin} ({src}): same config, fold, data and {job.cand.epochs} epochs")
+        return
 
 
 def finish_child(run: KFoldRun, job: FoldJob) -> None:
@@ -178,9 +242,9 @@ def train_all(run: KFoldRun) -> None:
             todo.append(job)
         elif run.lineage.tracker.ended(job.run_key):
             job.status = "skipped"
-        else:  # trained, but the driver stopped before MLflow heard of it
+        else:  # reused, or trained but the driver stopped before MLflow heard of it
             finish_child(run, job)
-            job.status = "logged"
+            job.status = "reused" if job.reused_from else "logged"
     if not todo:
         run.log(f"k-fold: all {len(run.jobs)} (config, fold) pairs already trained")
         return
@@ -191,7 +255,7 @@ def train_all(run: KFoldRun) -> None:
     # Ray's actor-backed queue: tasks on any node push EpochResult.metrics() for live logging.
     queue = Queue(actor_options={"num_cpus": 0})
     data_ref = run.put(run.data)
-    pending = {train_fold_task.options(**run.resources([j.cand.cfg])).remote(j.cand.cfg.to_dict(), data_ref, j.fold, str(j.out_dir), j.cand.rank, queue): j
+    pending = {train_fold_task.options(**run.resources([j.cand.cfg])).remote(j.cand.cfg.to_dict(), data_ref, j.fold, str(j.out_dir), j.cand.key, queue): j
                for j in todo}
     try:
         failures = wait_for_folds(run, pending, queue)
@@ -245,112 +309,61 @@ def wait_for_folds(run: KFoldRun, pending: dict, queue) -> list[str]:
     return failures
 
 
-# ---- out-of-fold scoring and selection ---------------------------------------------------------
-
-
-def score_oof(run: KFoldRun) -> SubsetScorer:
-    """Every subset's OOF confusion matrices (cached per fold by the checkpoints and settings)."""
-    from training.data.dataset import fold_split
-
-    oof_dir = run.kfold_dir / "oof"
-    oof_dir.mkdir(parents=True, exist_ok=True)
-    pending, results = {}, {}
-    for k in range(run.n_folds):
-        ckpts = [run.kfold_dir / str(c.rank) / f"fold{k}" / checkpoint.BEST for c in run.candidates]
-        key = fingerprint(ckpts, tta=run.tta.name, vote=run.options.vote, ranks=[c.rank for c in run.candidates])
-        cached = oof_dir / f"fold{k}.npz"
-        results[k] = read_oof(cached, key)
-        if results[k] is None:
-            ref = oof_fold_task.options(**run.resources([c.cfg for c in run.candidates])).remote(
-                [str(p) for p in ckpts], run.put(run.data), k, run.tta, run.options.vote, str(run.kfold_dir / "oof_masks"))
-            pending[ref] = (k, key, cached)
-    if pending:
-        run.log(f"k-fold: scoring out-of-fold predictions of {len(pending)} fold(s), TTA {run.tta.name}")
-    collect_oof(run, pending, results)
-    scorer = SubsetScorer(len(run.candidates), len(run.data.classes), run.cfg0.loss.ignore_index)
-    oof_ids: list[int] = []
-    for k in range(run.n_folds):
-        scorer.merge(results[k]["matrices"])
-        oof_ids += list(results[k]["image_ids"])
-        one = SubsetScorer(len(run.candidates), len(run.data.classes))
-        one.merge(results[k]["matrices"])
-        for job in (j for j in run.jobs if j.fold == k):
-            job.result["fold_oof"] = {m: one.scores(m, "soft", 1 << job.cand.index).miou for m in ("plain", "tta")}
-    expected = sorted(i for k in range(run.n_folds) for i in fold_split(run.data, k, run.cfg0.data.subset)[1])
-    if sorted(oof_ids) != expected or len(set(oof_ids)) != len(oof_ids):
-        raise SegtuneError(f"out-of-fold predictions cover {len(set(oof_ids))} images ({len(oof_ids)} predictions) of {len(expected)}")
-    run.oof_images = len(oof_ids)
-    return scorer
-
-
-def read_oof(path, key: str) -> dict | None:
-    import numpy as np
-
-    if not path.is_file():
-        return None
-    with np.load(path) as npz:
-        return {"image_ids": npz["image_ids"].tolist(), "matrices": npz["matrices"]} if str(npz["key"]) == key else None
-
-
-def collect_oof(run: KFoldRun, pending: dict, results: dict) -> None:
-    import numpy as np
-
-    errors = []
-    for ref in progress(list(pending), "scoring out-of-fold folds", unit="fold", log=run.log):
-        k, key, cached = pending[ref]
-        try:
-            out = ray.get(ref)
-        except Exception as err:
-            errors.append(f"fold {k}: {error_line(err)}")
-            continue
-        np.savez(cached, key=np.array(key), image_ids=np.array(out["image_ids"], dtype=np.int64), matrices=out["matrices"])
-        results[k] = out
-    if errors:
-        raise SegtuneError(f"out-of-fold scoring failed: {'; '.join(errors[:3])}")
-
-
-def select_ensemble(run: KFoldRun, scorer: SubsetScorer) -> tuple[int, list[dict]]:
-    """The subset of configs greedy forward selection picks by OOF mIoU (under the chosen TTA and vote)."""
-    mode = "tta" if run.tta.enabled else "plain"
-    full = 2 ** len(run.candidates) - 1
-    return greedy_select({s: scorer.scores(mode, run.options.vote, s).miou for s in range(1, full + 1)}, len(run.candidates))
-
-
 # ---- submission ---------------------------------------------------------------------------------
 
 
-def predict_submission(run: KFoldRun, selected: int) -> dict[str, Any]:
-    """submission.csv of the selected configs x all folds, streamed from one Ray task (redone only when its inputs change)."""
+def ensemble_spec(run: KFoldRun, decisions: Decisions, relative: bool = False):
+    """The selected ensemble as the EnsembleSpec every consumer builds from (paths relative to the k-fold directory on request)."""
+    from training.evaluation.ensemble import tta_spec
+    from training.handoff import EnsembleMember, EnsembleSpec
+
+    members = []
+    for job in run.jobs:
+        weight = decisions.weights[job.cand.index]
+        if weight <= 0:
+            continue
+        path = job.out_dir / checkpoint.BEST
+        metrics = checkpoint.read_metrics(job.out_dir) or {}
+        members.append(EnsembleMember(checkpoint=str(path.relative_to(run.kfold_dir) if relative else path.resolve()),
+                                      experiment=job.cand.experiment, rank=job.cand.rank, fold=job.fold, weight=weight,
+                                      val_miou=metrics.get("best_miou"), epochs=metrics.get("epochs_trained")))
+    return EnsembleSpec(classes=list(run.data.classes), members=members, tta=tta_spec(decisions.tta), vote=decisions.vote,
+                        postprocess=decisions.postprocess.to_names(run.data.classes))
+
+
+def predict_submission(run: KFoldRun, decisions: Decisions) -> dict[str, Any]:
+    """submission.csv of the selected ensemble, streamed from one Ray task (redone only when its inputs change)."""
     from training.data.coco import file_sha256
     from training.evaluation.submission import SUBMISSION, SUBMISSION_SIZE
 
-    chosen = [run.candidates[i] for i in subset_members(selected)]
-    checkpoints = [str(j.out_dir / checkpoint.BEST) for j in run.jobs if j.cand in chosen]
+    spec = ensemble_spec(run, decisions)
+    checkpoints = [m.checkpoint for m in spec.members]
     path, meta_path = run.kfold_dir / SUBMISSION, run.kfold_dir / SUBMISSION_META
-    # `mask`: how the 256 px mask is made; a submission.csv from the former bilinear-logits path is redone.
-    key = fingerprint(checkpoints, tta=run.tta.name, vote=run.options.vote,
-                      png=run.options.png, test=file_sha256(run.test_index.ann_path), mask="vote at input size, labels resized nearest")
+    # `mask`: how the 256 px mask is made; a submission.csv made another way is redone.
+    key = fingerprint(checkpoints, spec=spec.model_dump(mode="json"), png=run.options.png, test=file_sha256(run.test_index.ann_path),
+                      mask="ensemble frame, post-processed, nearest to the image's size, nearest to 256")
     if path.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("key") == key:
             run.log(f"k-fold: {path} is up to date ({meta['images']} images)")
             return meta
-    run.log(f"k-fold: predicting {len(run.test_index.images)} test images with {len(checkpoints)} models, TTA {run.tta.name}, {run.options.vote} vote")
-    rows = write_submission(run, checkpoints, [c.cfg for c in chosen], path, SUBMISSION_SIZE)
+    run.log(f"k-fold: predicting {len(run.test_index.images)} test images with {len(checkpoints)} models, TTA {decisions.tta.name}, "
+            f"{decisions.vote} vote, post-processing {spec.postprocess or 'none'}")
+    cfgs = [run.candidates[i].cfg for i in decisions.members]
+    rows = write_submission(run, spec, cfgs, path, SUBMISSION_SIZE)
     meta = {"key": key, "path": str(path), "images": rows, "models": len(checkpoints), "size": SUBMISSION_SIZE,
-            "tta": run.tta.name, "vote": run.options.vote, "png_dir": str(run.kfold_dir / "test_masks") if run.options.png else None}
+            "tta": decisions.tta.name, "vote": decisions.vote, "png_dir": str(run.kfold_dir / "test_masks") if run.options.png else None}
     write_json(meta_path, meta)
     run.log(f"k-fold: wrote {path} ({rows} rows)")
     return meta
 
 
-def write_submission(run: KFoldRun, checkpoints: list[str], cfgs: list, path: Path, size: int) -> int:
+def write_submission(run: KFoldRun, spec, cfgs: list, path: Path, size: int) -> int:
     from training.evaluation.submission import SubmissionWriter, save_mask_png
     from training.infra.compat import generator_backpressure
 
     # Backpressure: the task stays at most 16 masks ahead of the writer, so memory stays flat.
-    gen = predict_test_task.options(**run.resources(cfgs), **generator_backpressure(16)).remote(
-        checkpoints, run.test_index, run.tta, run.options.vote, size)
+    gen = predict_test_task.options(**run.resources(cfgs), **generator_backpressure(16)).remote(spec.model_dump(mode="json"), run.test_index, size)
     png_dir = run.kfold_dir / "test_masks"
     try:
         with SubmissionWriter(path, len(run.data.classes)) as writer:

@@ -27,7 +27,7 @@ def train_fold_task(cfg_dict: dict, data, fold: int, out_dir: str, rank: int, qu
     cfg = config_from_dict(cfg_dict)
     out = Path(out_dir)
     node = ray.get_runtime_context().get_node_id()
-    state = checkpoint.status(out, cfg.trainer.epochs)
+    state = checkpoint.status(out, cfg.trainer.epochs, finished_without_last=True)
     if state == checkpoint.DONE:
         return {"status": "skipped", "node": node}
     data.ensure_cached()
@@ -44,18 +44,10 @@ def _loader(dataset, cfg):
     return DataLoader(dataset, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, shuffle=False)
 
 
-@ray.remote(max_retries=2)
-def oof_fold_task(checkpoints: list[str], data, fold: int, tta, vote_method: str, masks_dir: str | None) -> dict[str, Any]:
-    """Confusion matrices of every subset of configs on this fold's held-out images (score size)."""
-    import torch
-
+def _fold_members(checkpoints: list[str], data, fold: int):
     from training.data.dataset import SegmentationDataset, fold_split
-    from training.evaluation.inference import predict_batches
     from training.evaluation.members import MultiInputTransform, assign_inputs, load_members
-    from training.evaluation.selection import SubsetScorer
-    from training.evaluation.submission import save_mask_png
 
-    _quiet()
     data.ensure_cached()
     members, device = load_members(checkpoints)
     for m in members:
@@ -65,31 +57,71 @@ def oof_fold_task(checkpoints: list[str], data, fold: int, tta, vote_method: str
     _, val_ids = fold_split(data, fold, cfg.data.subset)
     dataset = SegmentationDataset(data.index, data.cache, val_ids, MultiInputTransform(assign_inputs(members)),
                                   score_size=cfg.data.score_size or cfg.data.image_size)
-    scorer = SubsetScorer(len(members), len(data.classes), cfg.loss.ignore_index)
+    return members, device, _loader(dataset, cfg)
+
+
+@ray.remote(max_retries=2)
+def oof_fold_task(checkpoints: list[str], data, fold: int, tta) -> dict[str, Any]:
+    """Confusion matrices of every (TTA candidate within `tta`, vote, subset of configs) on this fold's held-out images.
+
+    Every view of `tta` is predicted once per model; each candidate averages its subset of them.
+    """
+    from training.evaluation.inference import candidate_proba, member_view_probs, predict_batches
+    from training.evaluation.selection import SubsetScorer, tta_candidates
+
+    _quiet()
+    members, device, loader = _fold_members(checkpoints, data, fold)
+    candidates = tta_candidates(tta)
+    scorer = SubsetScorer(len(members), len(data.classes), members[0].cfg.loss.ignore_index, [c.name for c in candidates])
     seen: list[int] = []
-    for batch in predict_batches(members, _loader(dataset, cfg), tta=tta, device=device):
-        labels = scorer.update([(out.proba, out.final) for out in batch.outputs], batch.targets)
-        chosen = labels[f"{vote_method}_{'tta' if tta.enabled else 'plain'}"].to(torch.uint8).cpu().numpy()
-        for image_id, mask in zip(batch.ids, chosen):
-            seen.append(image_id)
-            if masks_dir:
-                save_mask_png(Path(masks_dir) / f"{image_id}.png", mask)
-    return {"fold": fold, "image_ids": seen, "matrices": scorer.matrices}
+    # predict_batches with no TTA hands over each member's prepared input; the views are computed here.
+    for batch in predict_batches(members, loader, device=device, keep_inputs=True):
+        size = tuple(batch.targets.shape[-2:])
+        per_config = []
+        for m, x in zip(members, batch.inputs):
+            _, views = member_view_probs(m, x, size, tta)
+            per_config.append([candidate_proba(views, c) for c in candidates])
+        scorer.update(per_config, batch.targets)
+        seen += batch.ids
+    return {"fold": fold, "image_ids": seen, "matrices": scorer.matrices, "modes": scorer.modes}
+
+
+@ray.remote(max_retries=2)
+def oof_proba_task(checkpoints: list[str], data, fold: int, tta, path_stem: str) -> int:
+    """Store every config's OOF probabilities under the chosen TTA (uint8, score size) for weights and post-processing."""
+    import numpy as np
+
+    from training.evaluation.inference import predict_batches
+    from training.evaluation.selection import OOFFold, quantize
+
+    _quiet()
+    members, device, loader = _fold_members(checkpoints, data, fold)
+    ids, probs, targets = [], [], []
+    for batch in predict_batches(members, loader, tta=tta, device=device):
+        ids += batch.ids
+        probs.append(np.stack([quantize(out.final) for out in batch.outputs]))
+        targets.append(batch.targets.to("cpu").numpy().astype(np.uint8))
+    OOFFold.save(Path(path_stem), ids, np.concatenate(probs, axis=1), np.concatenate(targets))
+    return len(ids)
 
 
 @ray.remote(max_retries=0)
-def predict_test_task(checkpoints: list[str], test_index, tta, vote_method: str, mask_side: int):
+def predict_test_task(spec: dict, test_index, mask_side: int):
     """Stream (file_name, uint8 mask) per test image; the driver writes them (single writer).
 
-    The ensemble votes at its members' input size; only the label mask is resized (nearest) to
-    mask_side x mask_side (see evaluation/inference.py).
+    The ensemble (evaluation/ensemble.py) votes and post-processes in its frame; the mask is
+    resized (nearest) to the image's own size, as predict.py writes it, then to mask_side x
+    mask_side: a predict.py mask resized to the submission's size equals the CSV row.
     """
     from training.data.dataset import ImageDataset
-    from training.evaluation.inference import iter_predictions
-    from training.evaluation.members import MultiInputTransform, assign_inputs, load_members
+    from training.evaluation.ensemble import Ensemble
+    from training.evaluation.inference import resize_labels
+    from training.handoff import EnsembleSpec
 
     _quiet()
-    members, device = load_members(checkpoints)
-    dataset = ImageDataset(test_index, test_index.image_ids, MultiInputTransform(assign_inputs(members)))
-    for image_id, mask in iter_predictions(members, _loader(dataset, members[0].cfg), (mask_side, mask_side), tta, vote_method, device):
-        yield test_index.image(image_id).file_name, mask
+    ensemble = Ensemble.load(EnsembleSpec.model_validate(spec))
+    dataset = ImageDataset(test_index, test_index.image_ids, ensemble.transform())
+    for image_id, mask in ensemble.predict(_loader(dataset, ensemble.members[0].cfg)):
+        record = test_index.image(image_id)
+        own = resize_labels(mask, (record.height, record.width))
+        yield record.file_name, resize_labels(own, (mask_side, mask_side))

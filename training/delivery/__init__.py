@@ -1,0 +1,1 @@
+"""Delivering the selected ensemble: masks for image folders (predict.py), the ONNX export, the MLflow model."""
