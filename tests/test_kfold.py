@@ -361,6 +361,13 @@ def test_mlflow_lineage(runs):
     ens = next(r for r in ensembles if r.data.metrics["oof_miou"] == pytest.approx(runs.summary1["ensemble"]["oof_miou"]))
     assert ens.data.metrics["oof_miou"] == pytest.approx(runs.summary1["ensemble"]["oof_miou"])
     assert any(k.startswith("iou_") for k in ens.data.metrics)
+    # the selected ensemble registered once per distinct ensemble (run 2 and the re-run of run 1's choices add none)
+    versions = client.search_model_versions(f"name = '{EXPERIMENT}'")
+    assert len(versions) == len(ensembles), [(v.version, v.run_id) for v in versions]
+    model = runs.summary1["mlflow"]["model"]
+    assert runs.summary2["mlflow"]["model"] == model and model["uri"] == f"models:/{EXPERIMENT}/{model['version']}"
+    version = client.get_model_version(EXPERIMENT, model["version"])
+    assert float(version.tags["segtune.oof_miou"]) == pytest.approx(runs.summary1["ensemble"]["oof_miou"], abs=1e-6)
     assert "confusion_matrix.png" in {a.path for a in client.list_artifacts(ens.info.run_id)}
 
 

@@ -17,6 +17,7 @@ from training.stages.kfold.context import KFoldRun
 from training.stages.kfold.oof import Decisions
 
 SUMMARY = "summary.json"
+REGISTERED = "mlflow_models.json"  # "<tracking uri> <ensemble run id>" -> the model version registered from it
 
 
 def _nan_to_none(values: dict[str, float]) -> dict[str, float | None]:
@@ -83,7 +84,7 @@ def build_summary(run: KFoldRun, decisions: Decisions, submission: dict) -> dict
 
 
 def log_ensemble(run: KFoldRun, summary: dict, matrix: np.ndarray) -> str | None:
-    """Per-config OOF on the parent; an ensemble run with scores, per-class IoU and the confusion matrix."""
+    """Per-config OOF on the parent; an ensemble run with scores, per-class IoU and the confusion matrix. Returns its run key."""
     from training.evaluation.plots import CONFUSION, PER_CLASS_IOU, save_confusion, save_per_class_iou
 
     ens, lineage = summary["ensemble"], run.lineage
@@ -97,7 +98,7 @@ def log_ensemble(run: KFoldRun, summary: dict, matrix: np.ndarray) -> str | None
     digest = hashlib.sha256(json.dumps([ens, summary["submission"].get("key")], sort_keys=True, default=str).encode()).hexdigest()[:16]
     key = lineage.key("ensemble", digest)
     if tracker.ended(key):  # a resumed run that changed nothing logs nothing twice
-        return lineage.run_id(key)
+        return key
     lineage.run(key, "ensemble", "kfold_ensemble", {"segtune.ensemble_key": digest}, parent=run.parent)
     parent_metrics = {"ensemble_oof_miou": ens["oof_miou"]}
     for c in summary["configs"]:
@@ -167,13 +168,20 @@ def register_model(run: KFoldRun, summary: dict, run_id: str | None) -> dict[str
         run.log("k-fold: MLflow is unreachable: the ensemble is not registered as a model (kfold_result.yaml serves predict.py)")
         return None
     from training.delivery.mlflow_model import log_ensemble_model
+    from training.infra.fs import read_json
 
+    registered = read_json(run.kfold_dir / REGISTERED, {}) or {}
+    key = f"{run.lineage.tracker.uri} {run_id}"
+    if key in registered:
+        return registered[key]  # the same ensemble (its MLflow run is keyed by its content): registered once
     try:
         version = log_ensemble_model(run.kfold_dir / KFOLD_RESULT, run.lineage.tracker.uri, run_id, run.name, log=run.log)
     except Exception as err:  # the stage's results are on disk; a failed registration must not lose them
         run.log(f"k-fold: registering the ensemble in MLflow failed ({type(err).__name__}: {err}); kfold_result.yaml still serves predict.py")
         return None
-    return {"name": run.name, "version": version, "uri": f"models:/{run.name}/{version}"} if version else None
+    model = {"name": run.name, "version": version, "uri": f"models:/{run.name}/{version}"} if version else None
+    write_json(run.kfold_dir / REGISTERED, registered | {key: model})
+    return model
 
 
 def format_summary(summary: dict[str, Any]) -> str:
