@@ -535,3 +535,65 @@ def test_cli_holdout_validates_on_val_json(tmp_path):
     assert proc.returncode == 2 and len(lines) == 1 and "val.json" in lines[0], proc.stderr[-2000:]
     bad = subprocess.run(cmd[:3] + ["--fold", "first"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--fold 'first'" in bad.stderr
+
+
+def test_ema_weights_are_validated_checkpointed_and_resumed(camvid16, data16, tmp_path):
+    """trainer.ema: the val mIoU is the average's (best.pt re-scored gives it back), best.pt holds the
+    average, not the raw weights, and a resumed run ends with the same average."""
+    from training.engine.checkpoint import load_model
+
+    cfg = resume_cfg(camvid16, **{"trainer.ema": {"decay": 0.9, "warmup": 0}})
+    straight = train(cfg, data16, 0, tmp_path / "straight", **QUIET)
+    last = load_checkpoint(tmp_path / "straight" / LAST)
+    best = load_checkpoint(tmp_path / "straight" / "best.pt")
+    averaged = {k[len("module."):]: v for k, v in last["ema"].items() if k.startswith("module.")}
+    raw_differs = [k for k in last["model"] if not torch.equal(last["model"][k], averaged[k])]
+    assert raw_differs  # the average is not the raw weights
+    if straight.best_epoch == 2:
+        assert all(torch.equal(best["model"][k], averaged[k]) for k in averaged)
+    # the best epoch's val mIoU is what best.pt's weights score
+    model, loaded_cfg, fold = load_model(tmp_path / "straight" / "best.pt")
+    trainer = Trainer(loaded_cfg, data16, fold, tmp_path / "rescore", log=lambda _: None)
+    trainer.model = model
+    trainer.ema = None
+    _, scores, _ = trainer.evaluate()
+    assert scores.miou == pytest.approx(straight.best_miou, abs=1e-9)
+
+    with pytest.raises(Crash):
+        train(cfg, data16, 0, tmp_path / "resumed", callbacks=[crash_after(1)], **QUIET)
+    train(cfg, data16, 0, tmp_path / "resumed", resume=tmp_path / "resumed" / LAST, **QUIET)
+    again = load_checkpoint(tmp_path / "resumed" / LAST)
+    assert all(torch.equal(last["ema"][k], again["ema"][k]) for k in last["ema"])
+    # a checkpoint trained without EMA cannot silently resume into an EMA run
+    plain = resume_cfg(camvid16)
+    with pytest.raises(Crash):
+        train(plain, data16, 0, tmp_path / "plain", callbacks=[crash_after(1)], **QUIET)
+    with pytest.raises(SegtuneError, match="no weight average"):
+        train(cfg, data16, 0, tmp_path / "plain", resume=tmp_path / "plain" / LAST, **QUIET)
+
+
+def test_ema_warmup_follows_the_weights_and_decay_is_checked(camvid16, data16, tmp_path):
+    from training.config import config_from_dict
+    from training.errors import ConfigError
+
+    cfg = resume_cfg(camvid16, **{"trainer.epochs": 1, "trainer.ema": {"decay": 0.5, "warmup": 1}})
+    train(cfg, data16, 0, tmp_path / "warm", **QUIET)
+    last = load_checkpoint(tmp_path / "warm" / LAST)
+    assert all(torch.equal(last["model"][k], last["ema"][f"module.{k}"]) for k in last["model"])  # copied during warmup
+    tree = cfg.to_dict()
+    tree["trainer"]["ema"]["decay"] = 1.0
+    with pytest.raises(ConfigError, match="trainer.ema.decay"):
+        config_from_dict(tree)
+
+
+def test_ema_decay_is_searchable(tmp_path):
+    import yaml
+
+    raw = yaml.safe_load((REPO / "search_spaces" / "deeplab.yaml").read_text())
+    raw["trainer"]["ema"] = {"decay": {"choice": [0.99, 0.999], "default": 0.999}, "warmup": 1}
+    path = tmp_path / "ema.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    space = load_space(str(path))
+    assert "trainer.ema.decay" in space.distributions
+    assert space.defaults.trainer.ema.decay == 0.999
+    assert space.resolve({"trainer.ema.decay": 0.99}).trainer.ema.model_dump() == {"decay": 0.99, "warmup": 1}

@@ -130,6 +130,13 @@ class SchedulerConfig(_Strict):
     pct_start: float = Field(0.3, gt=0, lt=1)  # onecycle
 
 
+class EMAConfig(_Strict):
+    """Exponential moving average of the weights: validation, best.pt and every later stage use the average."""
+
+    decay: float = Field(0.999, gt=0, lt=1)  # per optimizer step
+    warmup: int = Field(0, ge=0)  # epochs during which the average just follows the weights (early weights are poor)
+
+
 class TrainerConfig(_Strict):
     epochs: int = Field(20, ge=1)
     amp: Literal["auto", "fp16", "bf16", "off"] = "auto"  # auto: fp16 on CUDA, off on CPU
@@ -138,6 +145,7 @@ class TrainerConfig(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     overlays: int = Field(4, ge=0)  # prediction overlays saved with the best checkpoint
+    ema: EMAConfig | None = None  # null: off
 
     @field_validator("amp", mode="before")
     @classmethod

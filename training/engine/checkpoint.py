@@ -1,7 +1,7 @@
 """The trainer's run directory, owned here: what a checkpoint holds, how it is read, and whether a run is complete.
 
     <out_dir>/last.pt       everything to continue exactly (model, optimizer, scheduler, scaler, history)
-    <out_dir>/best.pt       the best epoch's weights + config/classes/fold (what stages predict with)
+    <out_dir>/best.pt       the best epoch's weights (the EMA's with trainer.ema) + config/classes/fold (what stages predict with)
     <out_dir>/metrics.json  best_miou, best_epoch, per_class_iou, epochs_trained, history
 
 Every stage (Tune trials, k-fold tasks, prediction) reads runs through this module.
@@ -32,8 +32,16 @@ def save(state: dict[str, Any], out_dir: Path, is_best: bool, summary: dict[str,
     """last.pt, best.pt (when `is_best`) and metrics.json, each replaced atomically, metrics last."""
     save_torch(state, out_dir / LAST)
     if is_best:
-        save_torch({k: state[k] for k in BEST_KEYS}, out_dir / BEST)
+        best = {k: state[k] for k in BEST_KEYS}
+        if state.get("ema") is not None:  # best.pt holds the weights validation scored: the average's
+            best["model"] = ema_weights(state["ema"])
+        save_torch(best, out_dir / BEST)
     write_text(out_dir / METRICS, json.dumps(summary, indent=1, allow_nan=True))
+
+
+def ema_weights(ema_state: dict[str, Any]) -> dict[str, Any]:
+    """The model weights inside a torch AveragedModel state dict (keys "module.<name>")."""
+    return {k[len("module."):]: v for k, v in ema_state.items() if k.startswith("module.")}
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -92,6 +100,8 @@ def check_resumable(state: dict[str, Any], checkpoint: str | Path, cfg: "Config"
         raise SegtuneError(f"{checkpoint}: checkpoint classes {state.get('classes')} differ from the data's {classes}")
     if state.get("fold") != fold:
         raise SegtuneError(f"{checkpoint}: checkpoint is of fold {state.get('fold')}, this run trains fold {fold}")
+    if cfg.trainer.ema is not None and state.get("ema") is None:
+        raise SegtuneError(f"{checkpoint}: checkpoint has no weight average (trained without trainer.ema); resume it with trainer.ema: null")
     saved = (state.get("config") or {}).get("model") or {}
     ours = cfg.to_dict()["model"]
     for key in ("arch", "encoder", "params"):  # encoder_weights only seeded the first epoch

@@ -142,6 +142,15 @@ def build_scheduler(cfg: "Config", optimizer: torch.optim.Optimizer, steps_per_e
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def build_ema(cfg: "Config", model: torch.nn.Module):
+    """torch's AveragedModel with an EMA update (buffers too: BN statistics follow the averaged weights), or None."""
+    if cfg.trainer.ema is None:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.trainer.ema.decay), use_buffers=True)
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**31)
 
@@ -182,6 +191,7 @@ class Trainer:
         self.model = build_model(model_cfg, len(self.classes)).to(self.device)
         self.memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
+        self.ema = build_ema(cfg, self.model)
         self.loss_fn = LossMix(cfg.loss)
         self.optimizer = build_optimizer(cfg, self.model)
         self.train_loader = self._loader(self.train_ds, train=True)
@@ -222,6 +232,7 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "best_per_class": self.best_per_class,
             "history": self.history,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "config": self.cfg.to_dict(),
             "classes": self.classes,
             "fold": self.fold,
@@ -237,6 +248,8 @@ class Trainer:
         self.best_epoch = state["best_epoch"]
         self.best_per_class = state["best_per_class"]
         self.history = list(state["history"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
 
     def resume(self, path: str | Path) -> None:
         state = checkpoint.load(path)
@@ -285,6 +298,10 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
+            if self.ema is not None:
+                if self.epoch < self.cfg.trainer.ema.warmup:
+                    self.ema.n_averaged.zero_()  # AveragedModel copies the weights while nothing is averaged
+                self.ema.update_parameters(self.model)
             n = images.shape[0]
             total += loss.item() * n
             count += n
@@ -301,7 +318,8 @@ class Trainer:
     def evaluate(self, keep_samples: int = 0):
         """(val loss, scores, up to `keep_samples` (image, mask, pred) arrays for overlays)."""
         self.model.eval()
-        member = Member(0, self.fold, self.model, self.cfg, divisor=arch_spec(self.cfg.model.arch).divisor,
+        model = self.ema.module.eval() if self.ema is not None else self.model
+        member = Member(0, self.fold, model, self.cfg, divisor=arch_spec(self.cfg.model.arch).divisor,
                         dtype=self.dtype, memory_format=self.memory_format)
         cm = ConfusionMatrix(len(self.classes), self.cfg.loss.ignore_index)
         total, count = 0.0, 0
