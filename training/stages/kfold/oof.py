@@ -28,7 +28,7 @@ from training.evaluation.selection import (OOFFold, SubsetScorer, final_labels, 
                                            subset_members, tta_candidates)
 from training.evaluation.tta import TTA
 from training.evaluation.vote import VOTES
-from training.infra.fs import fingerprint
+from training.infra.fs import atomic_file, fingerprint
 from training.infra.progress import progress
 from training.infra.ray import error_line
 from training.stages.kfold.context import KFoldRun
@@ -91,7 +91,8 @@ def score_subsets(run: KFoldRun) -> SubsetScorer:
         run.log(f"k-fold: scoring out-of-fold predictions of {len(pending)} fold(s): {len(modes)} TTA candidates within {run.tta.name} "
                 f"x {len(VOTES)} votes x {2 ** len(run.candidates) - 1} subsets of configs")
     for k, out in _gather(run, pending, "scoring out-of-fold folds").items():
-        np.savez(oof_dir / f"fold{k}.npz", key=np.array(keys[k]), image_ids=np.array(out["image_ids"], dtype=np.int64), matrices=out["matrices"])
+        with atomic_file(oof_dir / f"fold{k}.npz", "wb") as f:
+            np.savez(f, key=np.array(keys[k]), image_ids=np.array(out["image_ids"], dtype=np.int64), matrices=out["matrices"])
         results[k] = out
     scorer = SubsetScorer(len(run.candidates), len(run.data.classes), run.cfg0.loss.ignore_index, modes)
     oof_ids: list[int] = []
