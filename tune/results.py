@@ -73,7 +73,11 @@ def trial_status(trial: Any, budget: int, ending: bool = False) -> str:
     """
     if trial.status == "ERROR":
         return f"error: {error_reason(trial)}"
+    from tune.resume import REPLAYED_STATUS
+
     last = trial.last_result or {}
+    if last.get(REPLAYED_STATUS):  # a trial that had ended before the resume and replayed its result
+        return last[REPLAYED_STATUS]
     if int(last.get("epoch", 0) or 0) >= budget:
         return COMPLETED
     if trial.status == "TERMINATED" or ending:

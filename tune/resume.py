@@ -117,6 +117,9 @@ class TrialFailedBeforeResume(Exception):
     """A resumed trial had already failed; it fails again with its recorded reason."""
 
 
+REPLAYED_STATUS = "segtune_replayed_status"
+
+
 def replay_ending(trial_id: str, ending: dict[str, Any], log: Log = print) -> None:
     """Inside a resumed trial that had already ended: report how it ended instead of training."""
     from ray.tune import Checkpoint, report
@@ -136,7 +139,8 @@ def replay_ending(trial_id: str, ending: dict[str, Any], log: Log = print) -> No
                 checkpoint = Checkpoint.from_directory(work)
             except Exception as err:  # pyarrow raises OSError or its own errors for a missing path
                 log(f"[{trial_id}] WARNING its final checkpoint {ending['checkpoint']} could not be read ({err}); reporting the result alone")
-        report(ending["result"], checkpoint=checkpoint)
+        # The marker keeps the recorded status: a replayed ASHA stop carries no `done` flag of its own.
+        report(dict(ending["result"], **{REPLAYED_STATUS: status}), checkpoint=checkpoint)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
