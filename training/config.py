@@ -45,6 +45,9 @@ class DataConfig(_Strict):
     num_workers: int = Field(2, ge=0)
     cache_dir: str | None = None  # mask (and image) cache; default ~/.cache/segtune or SEGTUNE_CACHE
     image_cache: bool = True  # keep decoded training images as .npy in the cache (disk: H*W*3 bytes each)
+    # A pseudo-label set (training/data/pseudo.py, written by training/pseudo_label.py): extra images on the
+    # training side of every fold; their unconfident pixels hold loss.ignore_index. Validation never sees them.
+    pseudo_labels: str | None = None
 
     @field_validator("image_size")
     @classmethod
@@ -146,6 +149,9 @@ class TrainerConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     overlays: int = Field(4, ge=0)  # prediction overlays saved with the best checkpoint
     ema: EMAConfig | None = None  # null: off
+    # Start from trained weights instead of encoder_weights: a best.pt, or a directory holding fold<k>/best.pt
+    # per fold (a k-fold config's directory: the pseudo-label rounds' warm start). Optimizer and schedule start fresh.
+    init_from: str | None = None
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -203,6 +209,8 @@ class Config(_Strict):
         min_size = arch_info(self.model.arch).min_size
         if self.data.image_size < min_size:
             raise ValueError(f"data.image_size={self.data.image_size} but model.arch={self.model.arch} needs at least {min_size}")
+        if self.data.pseudo_labels and self.loss.ignore_index is None:
+            raise ValueError("data.pseudo_labels needs loss.ignore_index: the label of the pixels the loss ignores (unconfident ones)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -149,3 +149,45 @@ class KFoldResult(_Document):
     mlflow_parent_run_id: str | None = None
 
     remedy: ClassVar[str] = "re-run training/final_kfold.py --resume to write a current one"
+
+
+PSEUDO_LABELS = "pseudo_labels.yaml"
+
+
+class PseudoImage(BaseModel):
+    """One pseudo-labelled image: the photo, its label mask (PNG at the image's own size) and the photo's content hash."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str  # absolute path
+    mask: str  # relative to the set's file
+    sha256: str
+    height: int = Field(ge=1)
+    width: int = Field(ge=1)
+    source: Literal["test", "unlabelled"]
+
+
+class PseudoLabelSet(_Document):
+    """pseudo/round<N>/pseudo_labels.yaml: images the previous round's ensemble labelled, for the training side of every fold.
+
+    Written by the pseudo-label stage, read through a config's `data.pseudo_labels` by the trainer.
+    Unconfident pixels (top ensemble probability below `threshold`) hold `ignore_index`.
+    """
+
+    format: Literal["segtune.pseudo_labels"] = "segtune.pseudo_labels"
+    version: Literal[1] = 1
+    classes: list[str] = Field(min_length=2)
+    ignore_index: int = Field(ge=0, le=255)
+    threshold: float = Field(gt=0, le=1)
+    ensemble: str  # the kfold_result.yaml whose ensemble labelled them
+    images: list[PseudoImage] = Field(min_length=1)
+    confident_share: float = Field(ge=0, le=1)  # pixels labelled / all pixels
+    class_share: dict[str, float] = Field(default_factory=dict)  # per class: its confident pixels / all pixels
+
+    remedy: ClassVar[str] = "re-run training/pseudo_label.py --resume to write a current one"
+
+    @classmethod
+    def read(cls, path: Path) -> "PseudoLabelSet":
+        if not Path(path).is_file():
+            raise ConfigError(f"{path}: data.pseudo_labels: no such file")
+        return super().read(path)

@@ -153,7 +153,8 @@ class ImageDataset(Dataset):
         return self.transform(image=read_image(self.index.image_path(image_id)))["image"], image_id
 
 
-def make_datasets(cfg: "Config", data: PreparedData, fold: int | None) -> tuple[SegmentationDataset, SegmentationDataset]:
+def make_datasets(cfg: "Config", data: PreparedData, fold: int | None) -> tuple[Dataset, SegmentationDataset]:
+    """(training side, validation side) of `fold`: pseudo-labelled images (data.pseudo_labels) join the training side only."""
     train_ids, val_ids = fold_split(data, fold, cfg.data.subset)
     if not train_ids or not val_ids:
         raise DataError(f"fold {fold}: {len(train_ids)} train and {len(val_ids)} val images; need both (raise data.subset?)")
@@ -167,6 +168,10 @@ def make_datasets(cfg: "Config", data: PreparedData, fold: int | None) -> tuple[
         return ImageCache(index, cfg.data.cache_dir) if cfg.data.image_cache else None
 
     train_ds = SegmentationDataset(data.index, data.cache, train_ids, train_tf, images=images(data.index))
+    if cfg.data.pseudo_labels:
+        from training.data.pseudo import with_pseudo_labels
+
+        train_ds = with_pseudo_labels(train_ds, cfg, data.classes)
     val_ds = SegmentationDataset(val_index, val_cache, val_ids, eval_tf, score_size=cfg.data.score_size or size, images=images(val_index))
     return train_ds, val_ds
 

@@ -96,12 +96,17 @@ def status(out_dir: Path, epochs: int, finished_without_last: bool = False) -> s
 
 def check_resumable(state: dict[str, Any], checkpoint: str | Path, cfg: "Config", classes: list[str], fold: int | None) -> None:
     """Refuse a checkpoint of another fold, model or class list (one line naming the key)."""
-    if state.get("classes") != classes:
-        raise SegtuneError(f"{checkpoint}: checkpoint classes {state.get('classes')} differ from the data's {classes}")
     if state.get("fold") != fold:
         raise SegtuneError(f"{checkpoint}: checkpoint is of fold {state.get('fold')}, this run trains fold {fold}")
     if cfg.trainer.ema is not None and state.get("ema") is None:
         raise SegtuneError(f"{checkpoint}: checkpoint has no weight average (trained without trainer.ema); resume it with trainer.ema: null")
+    check_same_model(state, checkpoint, cfg, classes)
+
+
+def check_same_model(state: dict[str, Any], checkpoint: str | Path, cfg: "Config", classes: list[str]) -> None:
+    """Refuse a checkpoint of another model or class list (one line naming the key)."""
+    if state.get("classes") != classes:
+        raise SegtuneError(f"{checkpoint}: checkpoint classes {state.get('classes')} differ from the data's {classes}")
     saved = (state.get("config") or {}).get("model") or {}
     ours = cfg.to_dict()["model"]
     for key in ("arch", "encoder", "params"):  # encoder_weights only seeded the first epoch

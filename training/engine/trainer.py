@@ -151,6 +151,25 @@ def build_ema(cfg: "Config", model: torch.nn.Module):
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.trainer.ema.decay), use_buffers=True)
 
 
+def initial_weights(init_from: str, cfg: "Config", classes: list[str], fold: int | None) -> dict[str, Any]:
+    """The model weights of trainer.init_from for `fold`: a best.pt, or `<dir>/fold<k>/best.pt`.
+
+    A checkpoint of another fold is refused: its training side held this fold's validation images,
+    which would make this run's validation score meaningless.
+    """
+    path = Path(init_from)
+    if path.is_dir():
+        path = path / f"fold{fold}" / BEST
+    if not path.is_file():
+        raise SegtuneError(f"trainer.init_from: {path}: no such checkpoint")
+    state = checkpoint.load(path)
+    if fold is not None and state.get("fold") != fold:
+        raise SegtuneError(f"trainer.init_from: {path} was trained on fold {state.get('fold')}: its weights have seen fold {fold}'s "
+                           "validation images")
+    checkpoint.check_same_model(state, path, cfg, classes)
+    return state["model"]
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**31)
 
@@ -186,9 +205,13 @@ class Trainer:
         data.ensure_cached()
         self.train_ds, self.val_ds = make_datasets(cfg, data, fold)
         torch.manual_seed(cfg.trainer.seed)
-        # A checkpoint holds every weight: resuming must not need the pretrained file or cache.
-        model_cfg = cfg.model if resume is None else cfg.model.model_copy(update={"encoder_weights": None})
-        self.model = build_model(model_cfg, len(self.classes)).to(self.device)
+        # A checkpoint holds every weight: resuming (or starting from trained weights) must not need the pretrained file.
+        init = cfg.trainer.init_from if resume is None else None
+        model_cfg = cfg.model if resume is None and not init else cfg.model.model_copy(update={"encoder_weights": None})
+        self.model = build_model(model_cfg, len(self.classes))
+        if init:
+            self.model.load_state_dict(initial_weights(init, cfg, self.classes, fold))
+        self.model = self.model.to(self.device)
         self.memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
         self.ema = build_ema(cfg, self.model)

@@ -103,6 +103,16 @@ class Ensemble:
             yield from zip(batch.ids, self.finish(labels, proba))
 
     @torch.no_grad()
+    def predict_confident(self, loader: Iterable, threshold: float, ignore_index: int) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
+        """(image id, mask, confident) per image, in the ensemble frame: the post-processed mask with `ignore_index`
+        wherever the top mean probability is below `threshold`, and that boolean confidence map (pseudo labels)."""
+        for batch in predict_batches(self.members, loader, self.frame, self.tta, self.device):
+            labels, proba = self.vote_outputs(batch.outputs)
+            confident = (proba.max(1).values >= threshold).cpu().numpy()
+            for image_id, mask, keep in zip(batch.ids, self.finish(labels, proba), confident):
+                yield image_id, np.where(keep, mask, ignore_index).astype(np.uint8), keep
+
+    @torch.no_grad()
     def predict_image(self, image: np.ndarray) -> np.ndarray:
         """The uint8 label mask of one RGB uint8 H x W x 3 image, at that image's own size."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:

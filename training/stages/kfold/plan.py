@@ -37,6 +37,33 @@ POSTPROCESS = ("none", "min_area")
 
 
 @dataclass
+class RetrainConfig:
+    """One config a later stage retrains on every fold (one of the k-fold's selected ones)."""
+
+    experiment: str  # the search it came from (BestConfigs.experiment)
+    rank: int
+    epochs: int
+    init_from: str | None = None  # a directory with fold<k>/best.pt: each fold starts from those weights
+
+
+@dataclass
+class Retrain:
+    """A later stage's own k-fold (a pseudo-label round): exactly these configs, changed so, written there, linked to that."""
+
+    configs: list[RetrainConfig]
+    out_dir: Path
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted config keys set on every config (data.pseudo_labels, ...)
+    role: str = "pseudo_round"
+    run_name: str = "pseudo round"
+    upstream_run_id: str | None = None  # the MLflow parent run this one follows (the k-fold's, the previous round's)
+    parent_tags: dict[str, Any] = field(default_factory=dict)
+    parent_metrics: dict[str, float] = field(default_factory=dict)
+
+    def entry(self, experiment: str, rank: int) -> RetrainConfig | None:
+        return next((c for c in self.configs if c.experiment == experiment and c.rank == rank), None)
+
+
+@dataclass
 class KFoldOptions:
     experiment: str | None = None  # one search (or the newest); `experiments` for several
     top_k: int = 1  # per search
@@ -55,6 +82,7 @@ class KFoldOptions:
     address: str | None = None
     mlflow_uri: str | None = None
     png: bool = False
+    retrain: Retrain | None = None  # set by a later stage running the k-fold for itself
 
 
 @dataclass
@@ -136,6 +164,8 @@ def _dotted(tree: dict[str, Any], dotted: str) -> Any:
 
 
 def check_options(options: KFoldOptions, best: BestConfigs, path: Path, n_sources: int = 1) -> None:
+    if options.retrain is not None:  # the configs are named, not the top k
+        return
     if options.top_k < 1:
         raise ConfigError(f"--top-k: must be >= 1, got {options.top_k}")
     total = options.top_k * n_sources
@@ -177,15 +207,16 @@ def build_candidates(best: BestConfigs, cfgs: list[Config], options: KFoldOption
     """
     check_options(options, best, path, n_sources)
     ranked = sorted(range(len(best.configs)), key=lambda i: best.configs[i].rank)[: options.top_k]
+    if options.retrain is not None:
+        ranked = [i for i in sorted(range(len(best.configs)), key=lambda i: best.configs[i].rank)
+                  if options.retrain.entry(best.experiment, best.configs[i].rank)]
     candidates = []
     for index, i in enumerate(ranked, start=first_index):
         entry = best.configs[i]
         tree = _stage_tree(cfgs[i], options, best)
-        if options.epochs is not None:
-            epochs = options.epochs
-        else:
-            epochs = min(entry.epochs_trained, SMOKE_EPOCH_CAP) if options.smoke else entry.epochs_trained
+        epochs = _epochs(entry, options, best.experiment)
         tree["trainer"]["epochs"] = epochs  # the schedule (cosine, poly, onecycle) spans exactly these epochs
+        _retrain_overrides(tree, options.retrain, best.experiment, entry.rank)
         cfg = config_from_dict(tree, f"{path}: configs[{i}].config")
         key = str(entry.rank) if n_sources == 1 else f"{best.experiment}-{entry.rank}"
         candidates.append(Candidate(index, entry.rank, entry.trial_id, epochs, cfg, entry.best_val_miou, dict(entry.params),
@@ -201,6 +232,27 @@ def build_candidates(best: BestConfigs, cfgs: list[Config], options: KFoldOption
                     f"{everyone[0].key}'s {_dotted(first, key)!r}; ensembled configs must share data and folds"
                 )
     return candidates
+
+
+def _epochs(entry, options: KFoldOptions, experiment: str) -> int:
+    if options.epochs is not None:
+        return options.epochs
+    if options.retrain is not None:
+        return options.retrain.entry(experiment, entry.rank).epochs
+    return min(entry.epochs_trained, SMOKE_EPOCH_CAP) if options.smoke else entry.epochs_trained
+
+
+def _retrain_overrides(tree: dict[str, Any], retrain: Retrain | None, experiment: str, rank: int) -> None:
+    """A later stage's changes to one config: its overrides, and where each fold starts from."""
+    from training.config import set_path
+
+    if retrain is None:
+        return
+    for dotted, value in retrain.overrides.items():
+        set_path(tree, dotted, value)
+    init_from = retrain.entry(experiment, rank).init_from
+    if init_from:
+        tree["trainer"]["init_from"] = init_from
 
 
 def check_plan(kfold_dir: Path, candidates: list[Candidate], resume: bool) -> str:

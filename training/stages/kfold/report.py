@@ -164,6 +164,8 @@ def finish(run: KFoldRun, decisions: Decisions, submission: dict) -> dict[str, A
 
 def register_model(run: KFoldRun, summary: dict, run_id: str | None) -> dict[str, Any] | None:
     """The selected ensemble as a registered MLflow pyfunc model (name = the k-fold's name); None if MLflow is unreachable."""
+    if run.options.retrain is not None:
+        return None  # a later stage's round: that stage decides which round, if any, is delivered
     if run_id is None or not run.lineage.tracker.available:
         run.log("k-fold: MLflow is unreachable: the ensemble is not registered as a model (kfold_result.yaml serves predict.py)")
         return None

@@ -85,6 +85,8 @@ def output_of(options: KFoldOptions, log: Log) -> tuple[list[Path], str, Path]:
     sources = [find_best_configs(e, log) for e in names]
     if len(set(sources)) != len(sources):
         raise ConfigError(f"--experiment: the same search is named twice ({[str(p.parent.name) for p in sources]})")
+    if options.retrain is not None:
+        return sources, options.name or sources[0].parent.name, options.retrain.out_dir
     if len(sources) == 1:
         return sources, sources[0].parent.name if options.name is None else options.name, sources[0].parent / KFOLD_DIR
     name = options.name or "+".join(p.parent.name for p in sources)
@@ -134,8 +136,14 @@ def open_lineage(run: KFoldRun) -> None:
     run.lineage = Lineage(tracker, run.name, run.stage_id)
     run.parent = run.lineage.key("kfold")
     upstream = ",".join(b.search_parent_run_id for _, b in run.sources if b.search_parent_run_id)
-    if run.lineage.run(run.parent, "kfold", "kfold", {tags.RESULTS_DIR: run.kfold_dir, tags.UPSTREAM: upstream}):
+    name, role, extra_tags = "kfold", "kfold", {}
+    retrain = run.options.retrain
+    if retrain is not None:  # a later stage's round: its own parent, following the run it builds on
+        name, role, upstream, extra_tags = retrain.run_name, retrain.role, retrain.upstream_run_id or "", retrain.parent_tags
+    if run.lineage.run(run.parent, name, role, {tags.RESULTS_DIR: run.kfold_dir, tags.UPSTREAM: upstream, **extra_tags}):
         run.lineage.log_environment(run.parent)
+    if retrain is not None and retrain.parent_metrics:
+        run.lineage.tracker.log_metrics(run.parent, retrain.parent_metrics)
 
 
 def sync_mlflow(options: KFoldOptions, log: Log = print) -> int:
@@ -164,7 +172,8 @@ def open_children(run: KFoldRun) -> None:
     lineage = run.lineage
     for job in run.jobs:
         job.state = checkpoint.status(job.out_dir, job.cand.epochs, finished_without_last=True)
-        if job.state != checkpoint.DONE:
+        # A later stage's configs differ from every earlier run's (pseudo labels, warm start): nothing to look for.
+        if job.state != checkpoint.DONE and run.options.retrain is None:
             reuse_earlier_run(run, job)
         job.run_key = lineage.key("fold", job.cand.key, job.fold)
         run_tags = {tags.TRIAL_ID: job.cand.trial_id, tags.CONFIG_RANK: job.cand.rank, tags.FOLD: job.fold, "segtune.search": job.cand.experiment}
