@@ -79,7 +79,7 @@ class AugmentConfig(_Strict):
     def _build(self) -> "AugmentConfig":
         from training.data.transforms import check_pipeline
 
-        check_pipeline(self.train, "augment.train")
+        check_pipeline(self.train, "augment.train", train=True)
         check_pipeline(self.eval, "augment.eval")
         return self
 
@@ -98,11 +98,33 @@ class ModelConfig(_Strict):
         return value
 
 
+class OHEMConfig(_Strict):
+    """Online hard example mining for the cross-entropy terms: per batch, only the hardest pixels count."""
+
+    keep: float = Field(0.25, gt=0, le=1)  # share of the batch's non-ignored pixels kept (highest cross entropy)
+    min_kept: int = Field(0, ge=0)  # keep at least this many pixels (all of them when fewer)
+
+
 class LossConfig(_Strict):
     weights: dict[str, float] = Field(default_factory=lambda: {"ce": 1.0})
     ignore_index: int | None = None
     focal_gamma: float = Field(2.0, ge=0)
     smooth_factor: float = Field(0.1, ge=0, lt=1)  # soft_ce label smoothing
+    # per-class weights of ce, soft_ce and focal (Background first); auto: median-frequency
+    # balancing from the pixel counts of the fold's training side
+    class_weights: Literal["auto"] | list[float] | None = None
+    ohem: OHEMConfig | None = None  # null: every pixel counts in ce / soft_ce
+
+    @field_validator("class_weights")
+    @classmethod
+    def _weights(cls, weights: Any) -> Any:
+        if isinstance(weights, list):
+            bad = [w for w in weights if w < 0 or not math.isfinite(w)]
+            if bad:
+                raise ValueError(f"class weights must be finite numbers >= 0, got {bad[0]}")
+            if not any(w > 0 for w in weights):
+                raise ValueError("at least one class weight must be > 0")
+        return weights
 
     @field_validator("weights")
     @classmethod
@@ -211,10 +233,25 @@ class Config(_Strict):
             raise ValueError(f"data.image_size={self.data.image_size} but model.arch={self.model.arch} needs at least {min_size}")
         if self.data.pseudo_labels and self.loss.ignore_index is None:
             raise ValueError("data.pseudo_labels needs loss.ignore_index: the label of the pixels the loss ignores (unconfident ones)")
+        if self.data.classes is not None:
+            from training.data.coco import BACKGROUND
+
+            names = list(self.data.classes)
+            check_against_classes(self, names if names[:1] == [BACKGROUND] else [BACKGROUND, *names])
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def check_against_classes(cfg: Config, classes: list[str]) -> None:
+    """The checks that need the dataset's class names (`classes`: Background first), as one ConfigError line."""
+    from training.data.copy_paste import check_classes
+
+    check_classes(cfg.augment.train, "augment.train", classes)
+    weights = cfg.loss.class_weights
+    if isinstance(weights, list) and len(weights) != len(classes):
+        raise ConfigError(f"loss.class_weights: {len(weights)} weights for {len(classes)} classes (Background first: {classes})")
 
 
 # Applied over a config by --smoke, before the file's own `smoke:` block: small enough
@@ -312,6 +349,8 @@ def _collect(node: Any, prefix: str, source: str, out: dict[str, Distribution]) 
             else:
                 result[key] = _collect(value, path, source, out)
         return result
+    if isinstance(node, list):  # e.g. augment.train.2.p: a parameter of one pipeline entry
+        return [_collect(value, f"{prefix}.{i}", source, out) for i, value in enumerate(node)]
     return node
 
 
@@ -328,11 +367,21 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 
 
 def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set `tree[a][b][c] = value` for `dotted == "a.b.c"`, creating dicts on the way."""
+    """Set `tree[a][b][c] = value` for `dotted == "a.b.c"`, creating dicts on the way; a number indexes a list."""
     keys = dotted.split(".")
-    for key in keys[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[keys[-1]] = value
+    for depth, key in enumerate(keys):
+        if isinstance(tree, list):
+            if not (key.isdigit() and int(key) < len(tree)):
+                raise ConfigError(f"{'.'.join(keys[:depth])}: has no item {key!r} (a list of {len(tree)})")
+            key = int(key)
+        elif not isinstance(tree, dict):
+            raise ConfigError(f"{'.'.join(keys[:depth])}: is a value, not a mapping with {key!r}")
+        if depth == len(keys) - 1:
+            tree[key] = value
+        elif isinstance(tree, dict):
+            tree = tree.setdefault(key, {})
+        else:
+            tree = tree[key]
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

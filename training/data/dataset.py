@@ -11,7 +11,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from training.config import check_against_classes
 from training.data.coco import CocoIndex, ImageCache, MaskCache, load_coco, read_image
+from training.data.copy_paste import CopyPaste, build_pasters
 from training.data.folds import FoldManifest, load_or_create_folds
 from training.data.transforms import build_transform
 from training.errors import DataError
@@ -63,6 +65,7 @@ def prepare_data(cfg: "Config", check_images: bool = True, log=print) -> Prepare
     index = load_coco(root, cfg.data.train_json, cfg.data.classes, check_images=check_images, cache_root=cache_dir, log=log)
     if not index.anns_by_image:
         raise DataError(f"{index.ann_path}: no annotations to train on")
+    check_against_classes(cfg, index.classes)
     cache = MaskCache(index, cache_dir).build(log=log)
     manifest = load_or_create_folds(index, cfg.folds, cache_dir, log=log)
     val_index = val_cache = None
@@ -103,6 +106,7 @@ class SegmentationDataset(Dataset):
 
     With `score_size`, the returned mask is the cached full-resolution mask resized (nearest)
     to score_size x score_size, so metrics are computed at the competition's resolution.
+    `pasters` (CopyPaste entries of augment.train) paste objects in before `transform`.
     """
 
     def __init__(
@@ -113,6 +117,7 @@ class SegmentationDataset(Dataset):
         transform: "A.Compose",
         score_size: int | None = None,
         images: ImageCache | None = None,
+        pasters: Sequence[CopyPaste] = (),
     ):
         self.index = index
         self.cache = cache
@@ -120,6 +125,18 @@ class SegmentationDataset(Dataset):
         self.transform = transform
         self.score_size = score_size
         self.images = images  # None: decode every time
+        self.pasters = list(pasters)
+
+    @property
+    def annotated(self) -> "SegmentationDataset":
+        """The annotated images of this side (a training side with pseudo labels has more)."""
+        return self
+
+    def set_random_seed(self, seed: int) -> None:
+        """Seed every random step of a sample: the albumentations pipeline and the pasters."""
+        self.transform.set_random_seed(seed)
+        for k, paster in enumerate(self.pasters):
+            paster.set_random_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -128,6 +145,8 @@ class SegmentationDataset(Dataset):
         image_id = self.image_ids[i]
         image = self.images.load(image_id) if self.images else read_image(self.index.image_path(image_id))
         mask = self.cache.load(image_id)
+        for paster in self.pasters:
+            image, mask = paster(image, mask, image_id)
         out = self.transform(image=image, mask=mask)
         if self.score_size is not None:
             target = cv2.resize(mask, (self.score_size, self.score_size), interpolation=cv2.INTER_NEAREST)
@@ -155,6 +174,7 @@ class ImageDataset(Dataset):
 
 def make_datasets(cfg: "Config", data: PreparedData, fold: int | None) -> tuple[Dataset, SegmentationDataset]:
     """(training side, validation side) of `fold`: pseudo-labelled images (data.pseudo_labels) join the training side only."""
+    check_against_classes(cfg, data.classes)  # a trial's config is first seen here
     train_ids, val_ids = fold_split(data, fold, cfg.data.subset)
     if not train_ids or not val_ids:
         raise DataError(f"fold {fold}: {len(train_ids)} train and {len(val_ids)} val images; need both (raise data.subset?)")
@@ -167,7 +187,10 @@ def make_datasets(cfg: "Config", data: PreparedData, fold: int | None) -> tuple[
     def images(index: CocoIndex) -> ImageCache | None:
         return ImageCache(index, cfg.data.cache_dir) if cfg.data.image_cache else None
 
-    train_ds = SegmentationDataset(data.index, data.cache, train_ids, train_tf, images=images(data.index))
+    train_images = images(data.index)
+    # objects to paste come from train_ids only: never from the validation side
+    pasters = build_pasters(aug.train, data.index, data.cache, train_ids, train_images)
+    train_ds = SegmentationDataset(data.index, data.cache, train_ids, train_tf, images=train_images, pasters=pasters)
     if cfg.data.pseudo_labels:
         from training.data.pseudo import with_pseudo_labels
 
@@ -177,6 +200,10 @@ def make_datasets(cfg: "Config", data: PreparedData, fold: int | None) -> tuple[
 
 
 def seed_worker_transform(worker_id: int) -> None:
-    """DataLoader worker_init_fn: albumentations keeps its own RNG, seed it from torch's per-worker seed."""
+    """DataLoader worker_init_fn: albumentations and the pasters keep their own RNGs, seed them from torch's per-worker seed."""
     info = torch.utils.data.get_worker_info()
-    info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
+    seed = torch.initial_seed() % 2**32
+    if hasattr(info.dataset, "set_random_seed"):  # a training side, with or without pseudo labels
+        info.dataset.set_random_seed(seed)
+    else:
+        info.dataset.transform.set_random_seed(seed)

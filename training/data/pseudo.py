@@ -69,11 +69,10 @@ class TrainingSet(ConcatDataset):
     def __init__(self, annotated: "SegmentationDataset", pseudo: PseudoLabelDataset):
         super().__init__([annotated, pseudo])
         self.annotated, self.pseudo = annotated, pseudo
-        self.transform = annotated.transform  # the trainer seeds the augmentations through it
+        self.transform = annotated.transform  # one pipeline: seeding the annotated side seeds the pseudo side too
 
-    @property
-    def image_ids(self) -> list[int]:
-        return self.annotated.image_ids + [-(i + 1) for i in range(len(self.pseudo))]
+    def set_random_seed(self, seed: int) -> None:
+        self.annotated.set_random_seed(seed)
 
 
 def with_pseudo_labels(train_ds: "SegmentationDataset", cfg: "Config", classes: list[str]) -> TrainingSet:

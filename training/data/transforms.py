@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
+from training.data.copy_paste import is_copy_paste, parse_spec
 from training.errors import ConfigError
 
 # Transforms whose output size is decided by their own `size`/`height`/`width`.
@@ -62,14 +63,27 @@ def _instantiate(spec: dict[str, Any], where: str, size: int | None) -> A.BasicT
         raise ConfigError(f"{where}: {spec['name']}: invalid parameters {params}: {' '.join(first[:3])}") from None
 
 
-def check_pipeline(specs: Sequence[dict[str, Any]], where: str) -> None:
-    """Raise ConfigError naming `where[i]` if a transform is unknown or its params are invalid."""
+def check_pipeline(specs: Sequence[dict[str, Any]], where: str, train: bool = False) -> None:
+    """Raise ConfigError naming `where[i]` if a transform is unknown or its params are invalid.
+
+    A train pipeline may hold CopyPaste entries (training/data/copy_paste.py); their class names
+    are checked against the dataset's once it is known.
+    """
     for i, spec in enumerate(specs):
-        _instantiate(spec, f"{where}[{i}]", size=64)
+        if is_copy_paste(spec):
+            if not train:
+                raise ConfigError(f"{where}[{i}]: CopyPaste is a training augmentation; put it in augment.train")
+            parse_spec(spec, f"{where}[{i}]")
+        else:
+            _instantiate(spec, f"{where}[{i}]", size=64)
 
 
 def build_transform(specs: Sequence[dict[str, Any]], size: int, train: bool) -> A.Compose:
-    """The albumentations Compose for one split, ending in a uint8 C x H x W tensor."""
+    """The albumentations Compose for one split, ending in a uint8 C x H x W tensor.
+
+    CopyPaste entries are left out: the dataset applies them before this pipeline.
+    """
+    specs = [spec for spec in specs if not is_copy_paste(spec)]
     steps = [_instantiate(spec, f"augment[{i}]", size) for i, spec in enumerate(specs)]
     names = {spec["name"] for spec in specs}
     if not train or not names & SIZING_TRANSFORMS:

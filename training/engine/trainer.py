@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from training.data.class_balance import auto_class_weights
 from training.data.dataset import PreparedData, make_datasets, seed_worker_transform
 from training.data.transforms import normalize_images
 from training.engine import checkpoint
@@ -215,7 +216,8 @@ class Trainer:
         self.memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
         self.ema = build_ema(cfg, self.model)
-        self.loss_fn = LossMix(cfg.loss)
+        self.class_weights = self._class_weights()
+        self.loss_fn = LossMix(cfg.loss, self.class_weights).to(self.device)
         self.optimizer = build_optimizer(cfg, self.model)
         self.train_loader = self._loader(self.train_ds, train=True)
         self.val_loader = self._loader(self.val_ds, train=False)
@@ -243,6 +245,20 @@ class Trainer:
             generator=self._generator if train else None,
         )
 
+    def _class_weights(self) -> list[float] | None:
+        """loss.class_weights as a list: auto is computed from this fold's training masks only."""
+        spec = self.cfg.loss.class_weights
+        if spec is None:
+            return None
+        if spec == "auto":
+            annotated = self.train_ds.annotated  # real labels only, not pseudo labels
+            weights = auto_class_weights(annotated.cache, annotated.image_ids, len(self.classes), self.cfg.loss.ignore_index)
+            how = f"auto (median frequency over {len(annotated)} annotated training images)"
+        else:
+            weights, how = list(spec), "from the config"
+        self.log(f"class weights, {how}: " + ", ".join(f"{name} {w:.3g}" for name, w in zip(self.classes, weights)))
+        return weights
+
     # ---- checkpoints -------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -256,6 +272,7 @@ class Trainer:
             "best_per_class": self.best_per_class,
             "history": self.history,
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "class_weights": self.class_weights,
             "config": self.cfg.to_dict(),
             "classes": self.classes,
             "fold": self.fold,
@@ -278,6 +295,12 @@ class Trainer:
         state = checkpoint.load(path)
         checkpoint.check_resumable(state, path, self.cfg, self.classes, self.fold)
         self.load_state_dict(state)
+        saved = state.get("class_weights")
+        if self.cfg.loss.class_weights == "auto" and saved is not None and saved != self.class_weights:
+            # the weights the run started with, even if the masks were counted differently since
+            self.class_weights = list(saved)
+            self.loss_fn = LossMix(self.cfg.loss, self.class_weights).to(self.device)
+            self.log("class weights: the checkpoint's")
         self.log(f"resumed from {path} at epoch {self.epoch}")
 
     def _save(self, is_best: bool) -> None:
@@ -287,6 +310,7 @@ class Trainer:
             "per_class_iou": self.best_per_class,
             "epochs_trained": self.epoch,
             "fold": self.fold,
+            "class_weights": self.class_weights,
             "history": self.history,
         }
         checkpoint.save(self.state_dict(), self.out_dir, is_best, summary)
@@ -297,7 +321,7 @@ class Trainer:
         seed = _epoch_seed(self.cfg.trainer.seed, self.epoch)
         torch.manual_seed(seed)  # dropout etc.
         self._generator.manual_seed(seed)  # shuffle order and worker seeds
-        self.train_ds.transform.set_random_seed(seed)  # augmentations when num_workers == 0
+        self.train_ds.set_random_seed(seed)  # augmentations and pastes when num_workers == 0
         total, count = 0.0, 0
         term_sums: dict[str, float] = {}
         start = time.perf_counter()
