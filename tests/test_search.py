@@ -265,6 +265,62 @@ def test_mlflow_parent_and_child_runs_agree_with_leaderboard(smoke):
         assert {"config.yaml", "per_class_iou.png", "overlays.png"} <= artifacts
 
 
+COST_COLUMNS = ("train_seconds", "s_per_epoch", "peak_mem_mb", "mem_kind", "infer_ms_per_image")
+
+
+def test_trial_costs_reach_leaderboard_mlflow_and_the_pareto_plot(smoke):
+    assert smoke.rc == 0, tail(smoke.log)
+    client = mlflow_client(smoke.uri)
+    runs = {run.data.tags["segtune.trial_id"]: run for run in client.search_runs(
+        [smoke.best["mlflow_experiment_id"]], f"tags.`mlflow.parentRunId` = '{smoke.best['search_parent_run_id']}'")}
+    for row in smoke.leaderboard:
+        assert set(COST_COLUMNS) <= set(row) and row["mem_kind"] == "cpu_rss"
+        train_s, per_epoch, peak, infer_ms = (float(row[c]) for c in ("train_seconds", "s_per_epoch", "peak_mem_mb", "infer_ms_per_image"))
+        assert per_epoch * int(row["epochs_trained"]) == pytest.approx(train_s, rel=1e-4)
+        assert 100 < peak < 64_000 and 0 < infer_ms < 1000 * per_epoch  # a torch process's RSS; a forward is part of an epoch
+        # measured, not guessed: within the trial's wall time (model build and checkpoints excluded), most of it
+        run = runs[row["trial_id"]]
+        ev = events(smoke.tune_dir / f"trial_{row['trial_id']}")
+        if row["failures"] == "0":
+            wall = max(t for t, kind, _ in ev if kind == "epoch") - min(t for t, kind, _ in ev if kind == "start")
+            assert 0.2 * wall < train_s <= wall, (train_s, wall)  # the rest: start-up, checkpoints, plots, waiting on Tune
+            seconds = sum(m.value for m in client.get_metric_history(run.info.run_id, "epoch_seconds"))
+            assert seconds == pytest.approx(train_s, rel=1e-4)
+        for name in ("train_seconds", "s_per_epoch", "peak_mem_mb", "infer_ms_per_image"):  # per epoch, on the child run
+            assert len(client.get_metric_history(run.info.run_id, name)) == int(row["epochs_trained"]), name
+        assert run.data.metrics["train_seconds"] == pytest.approx(train_s, rel=1e-4) and run.data.tags["segtune.mem_kind"] == "cpu_rss"
+
+    parent_id = smoke.best["search_parent_run_id"]
+    assert {"pareto.png", "pareto.json"} <= {a.path for a in client.list_artifacts(parent_id)}
+    assert client.get_run(parent_id).data.metrics["trials_over_budget"] == 0
+    pareto = json.loads(Path(client.download_artifacts(parent_id, "pareto.json")).read_text())
+    assert pareto == json.loads((smoke.dir / "pareto.json").read_text())
+    assert (smoke.dir / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    points = {row["trial_id"]: (float(row["s_per_epoch"]), float(row["best_val_miou"])) for row in smoke.leaderboard}
+    front = pareto["front"]
+    assert front and [points[t][0] for t in front] == sorted(points[t][0] for t in front)
+    for trial_id, (cost, miou) in points.items():  # the front holds exactly the trials no other trial beats on both
+        beaten = any(c <= cost and m >= miou and (c, m) != (cost, miou) for c, m in points.values())
+        assert (trial_id in front) == (not beaten), (trial_id, points, front)
+    log = smoke.log.read_text()
+    assert "pareto front (best val mIoU vs s/epoch): " + front[0] in log and "s/ep" in log and "ms/img" in log
+
+
+def test_pareto_front_of_records():
+    from tune.results import TrialRecord
+
+    def record(trial_id, miou, per_epoch, status="completed"):
+        return TrialRecord(trial_id, status, miou, 1, 1, {}, None, s_per_epoch=per_epoch)
+
+    from tune.cost import pareto_front
+
+    records = [record("slow_best", 0.70, 9.0), record("fast", 0.60, 1.0), record("mid", 0.65, 3.0), record("dominated", 0.62, 4.0),
+               record("tie_slower", 0.60, 2.0), record("asha", 0.66, 3.5, "stopped by ASHA"), record("cheap_over", 0.90, 0.5, "over budget"),
+               record("failed", 0.95, 0.1, "error: RuntimeError: boom"), record("unmeasured", 0.99, None)]
+    assert [r.trial_id for r in pareto_front(records)] == ["fast", "mid", "asha", "slow_best"]
+    assert pareto_front([]) == []
+
+
 def test_killed_worker_restarts_from_its_checkpoint(smoke):
     assert smoke.killed, "no trial reached epoch 3 while the search ran"
     assert smoke.rc == 0, tail(smoke.log)
@@ -407,6 +463,58 @@ def test_unwritable_results_dir_is_one_line(capsys, monkeypatch, tmp_path):
 def test_resume_of_unknown_experiment_is_one_line(capsys, monkeypatch, tmp_path):
     code, err = run_cli(capsys, monkeypatch, tmp_path, "--resume", "--experiment", "nope")
     assert code == 2 and err.count("\n") == 1 and "no such search to resume" in err
+
+
+def test_max_trial_cost_must_be_a_positive_budget(capsys, monkeypatch, tmp_path):
+    code, err = run_cli(capsys, monkeypatch, tmp_path, "--space", "deeplab", "--smoke", "--max-trial-cost", "0")
+    assert code == 2 and err.count("\n") == 1 and "--max-trial-cost: 0 is not a budget" in err
+    space = yaml.safe_load((REPO / "search_spaces" / "deeplab.yaml").read_text())
+    space["search"]["max_trial_cost"] = -5
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(space))
+    code, err = run_cli(capsys, monkeypatch, tmp_path, "--space", str(path))
+    assert code == 2 and err.count("\n") == 1 and "search.max_trial_cost" in err and "greater than 0" in err
+
+
+def test_trials_over_the_cost_budget_are_skipped(tmp_path):
+    """A budget below any trial's cost: every trial stops after its first epoch with a line, none is a best config."""
+    import optuna
+
+    from training.config import load_space
+    from tune import resume
+    from tune.results import best_configs, collect_records, ending_record
+
+    data = write_camvid_subset(tmp_path / "camvid16", n_train=16)
+    results, ray_tmp = tmp_path / "results", short_tmp("rt")
+    log = tmp_path / "budget.log"
+    cmd = search_cmd("--space", "deeplab", "--smoke", "--num-samples", "2", "--max-trial-cost", "1", "--data", str(data),
+                     "--experiment", "budget", "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with open(log, "w") as out:
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, env=search_env(results, ray_tmp), stdout=out, stderr=subprocess.STDOUT, timeout=400)
+        finally:
+            stop_ray_processes(ray_tmp)
+    assert proc.returncode == 0, tail(log)
+    exp = results / "budget"
+    board = read_leaderboard(exp / "leaderboard.csv")
+    assert len(board) == 2 and all(row["status"] == "over budget" and row["epochs_trained"] == "1" for row in board), board
+    text = log.read_text()
+    import re
+
+    for row in board:  # said once per trial, by the driver; the trial never trained a second epoch
+        lines = re.findall(rf"^trial {row['trial_id']}: projected ([\d.]+) s \(([\d.]+) s/epoch x 4\) exceeds --max-trial-cost 1 s; skipped$", text, re.M)
+        assert len(lines) == 1 and float(lines[0][0]) > 1, text[-3000:]
+        assert [f["epoch"] for _, kind, f in events(exp / "tune" / f"trial_{row['trial_id']}") if kind == "epoch"] == ["1"]
+    assert not (exp / "best_configs.yaml").exists()
+    assert json.loads((exp / "pareto.json").read_text())["front"] == []
+    assert [t.state for t in stored_study(exp).trials] == [optuna.trial.TrialState.PRUNED] * 2  # told, not failed
+    # what a resume reads back (Tune's saved trials, the recorded endings) keeps the status and the exclusion
+    space = load_space("deeplab", smoke=True, overrides={"data.root": str(data), "search.max_trial_cost": 1})
+    records = collect_records(resume.restored_trials(str(exp / "tune")), space)
+    endings = resume.read_endings(exp)
+    assert {r.status for r in records} == {e["status"] for e in endings.values()} == {"over budget"}
+    assert best_configs(records, space) is None
+    assert not any(ending_record(k, e, space).usable for k, e in endings.items())
 
 
 # ---- driver killed mid-search, then --resume ---------------------------------------------------

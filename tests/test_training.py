@@ -30,8 +30,8 @@ from training.modeling.models import build_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 QUIET = dict(log=lambda _: None)
-# history fields that measure time, not training
-TIMING = ("epoch_seconds", "img_per_s")
+# history fields that measure time or memory, not training
+TIMING = ("epoch_seconds", "img_per_s", "train_seconds", "peak_mem_mb", "infer_ms_per_image")
 
 
 def smoke_cfg(root: Path, **overrides):
@@ -158,6 +158,11 @@ def test_resume_needs_no_pretrained_file(camvid16, data16, tmp_path):
         Trainer(cfg, data16, 0, tmp_path / "fresh", **QUIET)
     resumed = train(cfg, data16, 0, tmp_path / "run", resume=tmp_path / "run" / LAST, **QUIET)
     assert resumed.epochs_trained == 2 and resumed.history[:1] == first_epoch
+    # the run's cost continues across the resume: the seconds of the epoch before it count
+    first, second = resumed.history
+    assert second["train_seconds"] == pytest.approx(first["epoch_seconds"] + second["epoch_seconds"])
+    assert first["mem_kind"] == second["mem_kind"] == "cpu_rss" and second["peak_mem_mb"] >= first["peak_mem_mb"] > 50
+    assert 0 < second["infer_ms_per_image"] < 1000 * second["epoch_seconds"]
 
 
 def test_resume_refuses_another_fold_or_model(camvid16, data16, tmp_path):

@@ -206,6 +206,8 @@ class SearchConfig(_Strict):
     scheduler: ASHAConfig = Field(default_factory=ASHAConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     time_budget_s: float | None = Field(None, gt=0)
+    # Seconds (training + validation) one trial may cost: a trial whose first epoch projects past it is stopped (tune/cost.py).
+    max_trial_cost: float | None = Field(None, gt=0)
     seed: int = 0
     fold: int = Field(0, ge=0)
     max_failures: int = Field(2, ge=0)  # retries of a failed trial from its last checkpoint

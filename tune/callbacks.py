@@ -19,6 +19,7 @@ from training.infra import lineage as tags
 from training.infra.lineage import Lineage
 from training.infra.tracking import open_tracker
 from tune import resume
+from tune.cost import OVER_BUDGET, OVER_BUDGET_KEY
 from tune.results import LEADERBOARD, collect_records, trial_record, trial_status, write_leaderboard
 from tune.space import trial_params
 
@@ -39,7 +40,10 @@ class TrialEndings(Callback):
         resume.mark_running(self.results_dir / resume.STATE_FILE)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        resume.record_ending(self.results_dir, trial.trial_id, resume.trial_ending(trial, trial_status(trial, self.budget, ending=True)))
+        status = trial_status(trial, self.budget, ending=True)
+        resume.record_ending(self.results_dir, trial.trial_id, resume.trial_ending(trial, status))
+        if status == OVER_BUDGET:
+            print((trial.last_result or {}).get(OVER_BUDGET_KEY) or f"trial {trial.trial_id}: over the trial cost budget; skipped", flush=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         resume.record_ending(self.results_dir, trial.trial_id, resume.trial_ending(trial, trial_status(trial, self.budget)))
@@ -111,6 +115,8 @@ class MlflowTrials(Callback):
         run_tags = {tags.STATUS: record.status, "segtune.epochs_trained": record.epochs_trained, "segtune.failures": record.failures}
         if record.checkpoint:
             run_tags[tags.CHECKPOINT] = record.checkpoint
+        if record.mem_kind:
+            run_tags["segtune.mem_kind"] = record.mem_kind  # what the peak_mem_mb metric measures (tune/cost.py)
         self.lineage.set_tags(key, run_tags)
         # An ASHA stop is a normal outcome (FINISHED); the status tag tells it from a completed trial.
         status = "FAILED" if record.status.startswith("error") else "FINISHED"

@@ -9,6 +9,7 @@ import yaml
 from training.handoff import BEST_CONFIGS
 from training.infra import lineage as tags
 from tune import resume
+from tune.cost import log_costs
 from tune.results import (IMPORTANCES_PLOT, TrialRecord, best_configs, collect_records, importance_table, param_importances, prune_resume_state,
                           save_importance_plot, summary_table, write_leaderboard)
 
@@ -101,6 +102,7 @@ def write_results(session: "SearchSession", outcome: "SearchOutcome", log: Log) 
         if freed:
             log(f"removed last.pt (resume state) of finished trials: {freed / 1e9:.2f} GB freed; best.pt kept")
     log_parent(session, records, outcome.best_configs)
+    log_costs(session, records, log)
     status = resume.INTERRUPTED if interrupted else resume.FINISHED
     state.end_session(status, trials={r.trial_id: {"status": r.status, "best_val_miou": r.best_val_miou, "epochs_trained": r.epochs_trained} for r in records})
     log("\n" + summary_table(records))

@@ -21,6 +21,7 @@ from training.engine.checkpoint import BEST, LAST
 from training.handoff import BestConfigs, RankedConfig
 from training.infra.fs import atomic_file
 from training.infra.ray import error_line
+from tune.cost import COST_COLUMNS, COST_HEADER, OVER_BUDGET, OVER_BUDGET_KEY, cost_cells, cost_fields
 from tune.space import trial_budget, trial_params
 
 LEADERBOARD = "leaderboard.csv"
@@ -42,15 +43,21 @@ class TrialRecord:
     node_id: str | None = None
     failures: int = 0
     metric_value: float | None = None  # best value of search.metric, for ranking
+    # what the trial cost (tune/cost.py: COST_COLUMNS)
+    train_seconds: float | None = None
+    s_per_epoch: float | None = None
+    peak_mem_mb: float | None = None
+    mem_kind: str | None = None
+    infer_ms_per_image: float | None = None
 
     @property
     def finished(self) -> bool:
-        return self.status in (COMPLETED, STOPPED_BY_ASHA) or self.status.startswith(("error", "stopped"))
+        return self.status in (COMPLETED, STOPPED_BY_ASHA, OVER_BUDGET) or self.status.startswith(("error", "stopped"))
 
     @property
     def usable(self) -> bool:
-        """A config k-fold may retrain: it trained without error and has a score."""
-        return self.best_val_miou is not None and not self.status.startswith("error")
+        """A config k-fold may retrain: it trained without error, within the cost budget, and has a score."""
+        return self.best_val_miou is not None and not self.status.startswith("error") and self.status != OVER_BUDGET
 
 
 def error_reason(trial: Any) -> str:
@@ -67,7 +74,7 @@ def error_reason(trial: Any) -> str:
 
 
 def trial_status(trial: Any, budget: int, ending: bool = False) -> str:
-    """completed | stopped by ASHA | stopped (time budget) | error: <reason> | unfinished.
+    """completed | stopped by ASHA | stopped (time budget) | over budget | error: <reason> | unfinished.
 
     `ending`: called from Tune's on_trial_complete, before the trial is marked TERMINATED.
     """
@@ -78,6 +85,8 @@ def trial_status(trial: Any, budget: int, ending: bool = False) -> str:
     last = trial.last_result or {}
     if last.get(REPLAYED_STATUS):  # a trial that had ended before the resume and replayed its result
         return last[REPLAYED_STATUS]
+    if last.get(OVER_BUDGET_KEY):  # stopped itself after its first epoch (tune/cost.py)
+        return OVER_BUDGET
     if int(last.get("epoch", 0) or 0) >= budget:
         return COMPLETED
     if trial.status == "TERMINATED" or ending:
@@ -124,6 +133,7 @@ def trial_record(trial: Any, space: SearchSpace, run_id: str | None = None, endi
         node_id=last.get("node_id"),
         failures=int(getattr(trial, "num_failures", 0) or 0),
         metric_value=best_miou if metric in ("val_miou", "best_miou") else _number(analysis.get(mode)),
+        **cost_fields(last),
     )
 
 
@@ -149,6 +159,7 @@ def ending_record(trial_id: str, ending: dict[str, Any], space: SearchSpace, run
         node_id=result.get("node_id"),
         failures=int(ending.get("failures", 0)),
         metric_value=best_miou if metric in ("val_miou", "best_miou") else _number(result.get(metric)),
+        **cost_fields(result),
     )
 
 
@@ -182,7 +193,7 @@ def _cell(value: Any) -> Any:
 def write_leaderboard(records: list[TrialRecord], path: Path) -> Path:
     """One row per trial, best first; searched params as columns named by their dotted path."""
     params = sorted({k for r in records for k in r.params})
-    columns = ["rank", "trial_id", "status", "best_val_miou", "best_epoch", "epochs_trained", *params, "mlflow_run_id", "checkpoint", "node_id", "failures"]
+    columns = ["rank", "trial_id", "status", "best_val_miou", "best_epoch", "epochs_trained", *COST_COLUMNS, *params, "mlflow_run_id", "checkpoint", "node_id", "failures"]
     with atomic_file(path, newline="") as f:  # readers (k-fold, a user's `watch`) never see half a file
         writer = csv.writer(f)
         writer.writerow(columns)
@@ -259,12 +270,12 @@ def save_importance_plot(study: Any, path: Path) -> Path | None:
 def summary_table(records: list[TrialRecord], top: int = 10) -> str:
     """The top trials as a fixed-width text table."""
     params = sorted({k for r in records for k in r.params})
-    header = ["rank", "trial", "status", "mIoU", "ep", *params]
+    header = ["rank", "trial", "status", "mIoU", "ep", *COST_HEADER, *params]
     rows = []
     for rank, r in enumerate(records[:top], 1):
         miou = f"{r.best_val_miou:.4f}" if r.best_val_miou is not None else "-"
         values = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in (r.params.get(p, "") for p in params)]
-        rows.append([str(rank), r.trial_id, r.status[:40], miou, str(r.epochs_trained), *values])
+        rows.append([str(rank), r.trial_id, r.status[:40], miou, str(r.epochs_trained), *cost_cells(r), *values])
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from training.config import SearchSpace, load_space
-from training.errors import SegtuneError
+from training.errors import ConfigError, SegtuneError
 from training.infra import lineage as tags
 from training.infra.fs import check_writable, results_root
 from training.infra.lineage import Lineage, new_stage_id
@@ -53,6 +53,7 @@ class SearchOptions:
     mlflow_uri: str | None = None
     address: str | None = None
     retry_errored: bool = False
+    max_trial_cost: float | None = None  # seconds; overrides search.max_trial_cost
     overrides: dict[str, Any] = field(default_factory=dict)  # extra {dotted key: value}, e.g. data.subset
     num_cpus: int | None = None  # local Ray only (default: all cores)
     ray_temp_dir: str | None = None  # local Ray only
@@ -110,6 +111,10 @@ def cli_overrides(opts: SearchOptions) -> dict[str, Any]:
         overrides["data.root"] = str(Path(opts.data).resolve())
     if opts.num_samples:
         overrides["search.num_samples"] = opts.num_samples
+    if opts.max_trial_cost is not None:
+        if not opts.max_trial_cost > 0:  # also NaN
+            raise ConfigError(f"--max-trial-cost: {opts.max_trial_cost:g} is not a budget; give the seconds one trial may cost (> 0)")
+        overrides["search.max_trial_cost"] = opts.max_trial_cost
     return overrides
 
 
@@ -172,8 +177,8 @@ def settings_for(opts: SearchOptions, state: SearchState | None, space: SearchSp
         return space, opts.smoke, cli_overrides(opts)
     if state is None:
         raise SegtuneError(f"{results_dir / resume.STATE_FILE}: no such search to resume (the experiment name is the directory under {results_dir.parent})")
-    if opts.data or opts.num_samples or opts.overrides or (opts.smoke and not state.data["smoke"]):
-        log("note: a resumed search keeps the settings it started with; ignoring --data/--num-samples/--smoke")
+    if opts.data or opts.num_samples or opts.overrides or opts.max_trial_cost is not None or (opts.smoke and not state.data["smoke"]):
+        log("note: a resumed search keeps the settings it started with; ignoring --data/--num-samples/--max-trial-cost/--smoke")
     return stored_settings(state)
 
 
@@ -297,7 +302,9 @@ def run_tune(session: SearchSession, opts: SearchOptions, log: Log) -> None:
         tuner = tune.Tuner.restore(session.tune_path, trainable=trainable, resume_unfinished=True, resume_errored=opts.retry_errored, restart_errored=False)
     else:
         cfg = session.space.defaults
-        log(f"search {session.experiment}: {cfg.search.num_samples} trials, {cfg.search.algorithm} + {cfg.search.scheduler.name}, results in {session.results_dir}")
+        budget = f", trials projected over {cfg.search.max_trial_cost:g} s skipped" if cfg.search.max_trial_cost else ""
+        log(f"search {session.experiment}: {cfg.search.num_samples} trials, {cfg.search.algorithm} + {cfg.search.scheduler.name}{budget}, "
+            f"results in {session.results_dir}")
         tuner = new_tuner(session, trainable)
     fit_started = time.perf_counter()
     tuner.fit()

@@ -26,6 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         mlflow="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite mlflow.db in the repo)",
     )
     p.add_argument("--num-samples", type=int, help="override search.num_samples")
+    p.add_argument("--max-trial-cost", type=float, metavar="SECONDS",
+                   help="skip a trial whose first epoch projects its training past SECONDS (overrides search.max_trial_cost)")
     p.add_argument("--retry-errored", action="store_true", help="with --resume: also retry errored trials from their last checkpoint")
     args = p.parse_args(argv)
     if args.num_samples is not None and args.num_samples < 1:
@@ -48,6 +50,7 @@ def main(argv=None) -> int:
             mlflow_uri=args.mlflow_uri,
             address=args.address,
             retry_errored=args.retry_errored,
+            max_trial_cost=args.max_trial_cost,
         )
     )
     return 130 if outcome.interrupted else 0

@@ -19,6 +19,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from training.config import Config, Distribution, SearchConfig, SearchSpace
 from training.errors import ConfigError
+from tune.cost import searcher_result
 
 # Trial results the trainer reports (EpochResult.metrics()) that a search may optimise.
 SEARCHABLE_METRICS = {"val_miou": "max", "best_miou": "max", "pixel_acc": "max", "val_loss": "min", "train_loss": "min"}
@@ -215,4 +216,4 @@ class StartupGate(ConcurrencyLimiter):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if error and trial_id in self.random_trials and trial_id not in self.failed_random:
             self.failed_random.append(trial_id)
-        super().on_trial_complete(trial_id, result=result, error=error)
+        super().on_trial_complete(trial_id, result=searcher_result(result), error=error)

@@ -28,8 +28,9 @@ from training.config import SearchSpace
 from training.data.dataset import PreparedData
 from training.engine import checkpoint as run_dir
 from training.engine.trainer import EpochResult, train
+from tune.cost import OVER_BUDGET_KEY, OverBudget, over_budget_line
 from tune.resume import replay_ending, saved_run
-from tune.space import trial_params
+from tune.space import trial_budget, trial_params
 
 # One line per trial start and epoch, kept in the trial's checkpoint directory: it travels with
 # every reported checkpoint to the experiment storage (shared on a cluster) and comes back with
@@ -106,12 +107,19 @@ def train_trial(config: dict[str, Any], space: SearchSpace, data: PreparedData, 
 
     def report_epoch(result: EpochResult) -> None:
         metrics = result.metrics()
-        metrics.update(node_id=node_id, resumed_from_epoch=start_epoch)
+        metrics.update(node_id=node_id, resumed_from_epoch=start_epoch, mem_kind=result.mem_kind)
+        skip = over_budget_line(trial_id, cfg.search.max_trial_cost, result.epoch, result.epoch_seconds, trial_budget(cfg))
+        if skip:
+            metrics[OVER_BUDGET_KEY] = skip  # the driver prints it and records the status (tune/callbacks.py)
         _append_event(work, f"epoch {result.epoch} pid={os.getpid()} val_miou={result.val_miou:.4f}")
         report(metrics, checkpoint=Checkpoint.from_directory(str(work)))
+        if skip:
+            raise OverBudget(skip)
 
     try:
         train(cfg, data, cfg.search.fold, work, callbacks=[report_epoch], resume=resume, device=_device(),
               log=lambda line: print(f"[{trial_id}] {line}", flush=True))
+    except OverBudget:
+        pass  # its one epoch is reported and checkpointed: the trial ends here
     finally:
         shutil.rmtree(work, ignore_errors=True)  # every epoch's state is in the reported checkpoint

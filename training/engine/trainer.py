@@ -22,6 +22,7 @@ from training.data.dataset import PreparedData, make_datasets, seed_worker_trans
 from training.data.transforms import normalize_images
 from training.engine import checkpoint
 from training.engine.checkpoint import BEST, LAST, METRICS  # noqa: F401  (the run directory's names, for callers)
+from training.engine.costs import ForwardTimer, PeakMemory
 from training.errors import NonFiniteLossError, SegtuneError
 from training.evaluation.inference import predict_batches
 from training.evaluation.members import Member
@@ -49,6 +50,13 @@ class EpochResult:
     best_miou: float
     best_epoch: int
     out_dir: Path
+    # What the run cost so far (training/engine/costs.py): epoch wall seconds (training + validation) summed over
+    # every epoch trained, also those before a resume; the peak memory of the device ("cuda": tensors,
+    # "cpu_rss": the process's resident set); the model's forward time per image in this epoch's validation pass.
+    train_seconds: float = 0.0
+    peak_mem_mb: float = 0.0
+    mem_kind: str = ""
+    infer_ms_per_image: float = 0.0
 
     def metrics(self) -> dict[str, float]:
         """Flat numeric metrics for Tune/MLflow (per-class IoU as iou_<class>, NaN dropped)."""
@@ -63,6 +71,10 @@ class EpochResult:
             "img_per_s": self.img_per_s,
             "best_miou": self.best_miou,
             "best_epoch": self.best_epoch,
+            "train_seconds": self.train_seconds,
+            "s_per_epoch": self.train_seconds / max(self.epoch, 1),
+            "peak_mem_mb": self.peak_mem_mb,
+            "infer_ms_per_image": self.infer_ms_per_image,
         }
         flat.update({f"loss_{k}": v for k, v in self.loss_terms.items()})
         flat.update({f"iou_{_metric_key(k)}": v for k, v in self.per_class_iou.items() if not math.isnan(v)})
@@ -201,6 +213,8 @@ class Trainer:
         self.log = log
         self.device = torch.device(device) if device is not None else resolve_device(cfg.trainer.device)
         self.dtype = amp_dtype(cfg.trainer.amp, self.device)
+        self.memory = PeakMemory(self.device)  # from here: building the model and loaders is part of the run's peak
+        self.infer_ms_per_image = 0.0
         self.classes = data.classes
 
         data.ensure_cached()
@@ -371,17 +385,28 @@ class Trainer:
         cm = ConfusionMatrix(len(self.classes), self.cfg.loss.ignore_index)
         total, count = 0.0, 0
         samples = []
-        for batch in predict_batches([member], self.val_loader, device=self.device):
-            logits, masks = batch.outputs[0].logits, batch.targets
-            with torch.no_grad():
-                loss, _ = self.loss_fn(logits, masks)
-            pred = logits.argmax(1)
-            cm.update(pred, masks)
-            total += loss.item() * masks.shape[0]
-            count += masks.shape[0]
-            for i in range(min(masks.shape[0], keep_samples - len(samples))):
-                samples.append((batch.images[i].numpy(), masks[i].cpu().numpy(), pred[i].cpu().numpy()))
+        with ForwardTimer(model, self.device) as forward:
+            for batch in predict_batches([member], self.val_loader, device=self.device):
+                logits, masks = batch.outputs[0].logits, batch.targets
+                with torch.no_grad():
+                    loss, _ = self.loss_fn(logits, masks)
+                pred = logits.argmax(1)
+                cm.update(pred, masks)
+                total += loss.item() * masks.shape[0]
+                count += masks.shape[0]
+                for i in range(min(masks.shape[0], keep_samples - len(samples))):
+                    samples.append((batch.images[i].numpy(), masks[i].cpu().numpy(), pred[i].cpu().numpy()))
+        self.infer_ms_per_image = forward.ms_per_image  # at data.batch_size, with the run's AMP and memory format
         return total / max(count, 1), cm.scores(self.classes), samples
+
+    def _costs(self, epoch_seconds: float) -> dict[str, Any]:
+        """EpochResult's cost fields after an epoch of `epoch_seconds`; earlier epochs come from the history (kept by a resume)."""
+        return {
+            "train_seconds": sum(h.get("epoch_seconds", 0.0) for h in self.history) + epoch_seconds,
+            "peak_mem_mb": max([self.memory.peak_mb(), *(h.get("peak_mem_mb", 0.0) for h in self.history)]),
+            "mem_kind": self.memory.kind,
+            "infer_ms_per_image": self.infer_ms_per_image,
+        }
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
@@ -420,6 +445,7 @@ class Trainer:
                 best_miou=self.best_miou,
                 best_epoch=self.best_epoch,
                 out_dir=self.out_dir,
+                **self._costs(seconds),
             )
             self.history.append({k: v for k, v in asdict(result).items() if k not in ("out_dir", "per_class_iou")})
             if is_best and samples:
