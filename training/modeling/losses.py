@@ -113,8 +113,14 @@ class LossMix(nn.Module):
         active = {name: w for name, w in cfg.weights.items() if w > 0}
         self.weights = active
         self.terms = nn.ModuleDict({name: LOSSES[name](cfg, weight) for name in active})
+        self.ignore_index = cfg.ignore_index
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.ignore_index is not None and bool((target == self.ignore_index).all()):
+            # Nothing to learn from (e.g. a crop of unconfident pseudo-label pixels only): the cross entropies
+            # would divide by zero pixels. A zero loss that still reaches every logit keeps the step a no-op.
+            zero = logits.float().sum() * 0.0
+            return zero, {name: zero.detach() for name in self.terms}
         with torch.autocast(device_type=logits.device.type, enabled=False):
             logits = logits.float()
             parts = {name: term(logits, target) for name, term in self.terms.items()}
