@@ -56,6 +56,19 @@ def test_stages_do_not_import_each_other():
         assert not {m for m in imports(path) if m.startswith("training.stages")}, path
 
 
+def test_a_stage_uses_another_stage_only_through_its_package():
+    """The pseudo-label rounds run the k-fold through training.stages.kfold's exports, never its modules."""
+    stages = REPO / "training" / "stages"
+    for path in sorted(stages.rglob("*.py")):
+        own = path.relative_to(stages).parts[0]
+        for module in imports(path):
+            parts = module.split(".")
+            if parts[:2] == ["training", "stages"] and len(parts) > 2 and parts[2] != own:
+                assert len(parts) == 3, f"{path.relative_to(REPO)} imports {module}: use training.stages.{parts[2]}'s exports"
+    pseudo = imports(stages / "pseudo_label" / "stage.py")
+    assert "training.stages.kfold" in pseudo  # the rule above is not vacuous
+
+
 @pytest.mark.parametrize("module", ["training.config", "training.modeling.registry"])
 def test_config_does_not_import_modeling_implementations(module):
     path = REPO / (module.replace(".", "/") + ".py")
