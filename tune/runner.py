@@ -53,6 +53,7 @@ class SearchOptions:
     mlflow_uri: str | None = None
     address: str | None = None
     retry_errored: bool = False
+    top_k_method: str | None = None  # search.top_k_method: auto | individual | diverse (tune/diversity.py)
     overrides: dict[str, Any] = field(default_factory=dict)  # extra {dotted key: value}, e.g. data.subset
     num_cpus: int | None = None  # local Ray only (default: all cores)
     ray_temp_dir: str | None = None  # local Ray only
@@ -110,6 +111,8 @@ def cli_overrides(opts: SearchOptions) -> dict[str, Any]:
         overrides["data.root"] = str(Path(opts.data).resolve())
     if opts.num_samples:
         overrides["search.num_samples"] = opts.num_samples
+    if opts.top_k_method:
+        overrides["search.top_k_method"] = opts.top_k_method
     return overrides
 
 
@@ -172,8 +175,8 @@ def settings_for(opts: SearchOptions, state: SearchState | None, space: SearchSp
         return space, opts.smoke, cli_overrides(opts)
     if state is None:
         raise SegtuneError(f"{results_dir / resume.STATE_FILE}: no such search to resume (the experiment name is the directory under {results_dir.parent})")
-    if opts.data or opts.num_samples or opts.overrides or (opts.smoke and not state.data["smoke"]):
-        log("note: a resumed search keeps the settings it started with; ignoring --data/--num-samples/--smoke")
+    if opts.data or opts.num_samples or opts.overrides or opts.top_k_method or (opts.smoke and not state.data["smoke"]):
+        log("note: a resumed search keeps the settings it started with; ignoring --data/--num-samples/--smoke/--top-k-method")
     return stored_settings(state)
 
 

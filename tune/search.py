@@ -27,6 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--num-samples", type=int, help="override search.num_samples")
     p.add_argument("--retry-errored", action="store_true", help="with --resume: also retry errored trials from their last checkpoint")
+    p.add_argument("--top-k-method", choices=("auto", "individual", "diverse"),
+                   help="how best_configs.yaml's top-k are chosen: best val mIoU each (individual), greedy selection on the fold "
+                        "ensemble's mIoU (diverse), or whichever ensemble scores higher on the fold (auto; search.top_k_method, default auto)")
     args = p.parse_args(argv)
     if args.num_samples is not None and args.num_samples < 1:
         p.error("--num-samples must be >= 1")
@@ -48,6 +51,7 @@ def main(argv=None) -> int:
             mlflow_uri=args.mlflow_uri,
             address=args.address,
             retry_errored=args.retry_errored,
+            top_k_method=args.top_k_method,
         )
     )
     return 130 if outcome.interrupted else 0

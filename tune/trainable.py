@@ -111,7 +111,8 @@ def train_trial(config: dict[str, Any], space: SearchSpace, data: PreparedData, 
         report(metrics, checkpoint=Checkpoint.from_directory(str(work)))
 
     try:
+        # keep_val_proba: the diversity-aware top-k votes with them (tune/diversity.py)
         train(cfg, data, cfg.search.fold, work, callbacks=[report_epoch], resume=resume, device=_device(),
-              log=lambda line: print(f"[{trial_id}] {line}", flush=True))
+              log=lambda line: print(f"[{trial_id}] {line}", flush=True), keep_val_proba=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # every epoch's state is in the reported checkpoint
