@@ -193,7 +193,12 @@ def test_smoke_search_writes_leaderboard_and_best_configs(smoke):
     assert best["mlflow_tracking_uri"] == smoke.uri and best["search_parent_run_id"] and best["mlflow_experiment_id"]
     assert Path(best["fold_manifest"]).is_file()
     assert [c["rank"] for c in best["configs"]] == [1, 2]  # search.top_k = 2 in the smoke preset
-    assert [c["trial_id"] for c in best["configs"]] == [row["trial_id"] for row in board[:2]]
+    # completed trials first (tune/diversity.py: by the chosen top-k method), then by rank
+    selection = best["selection"]
+    completed = [row["trial_id"] for row in board if row["status"] == "completed"]
+    chosen = selection[selection["method"]]["trials"]
+    assert set(chosen) <= set(completed) and (selection["method"] == "diverse" or chosen == completed[:2])
+    assert [c["trial_id"] for c in best["configs"]] == (chosen + [row["trial_id"] for row in board if row["trial_id"] not in completed])[:2]
     for entry in best["configs"]:
         cfg = config_from_dict(entry["config"])  # the k-fold stage must be able to read it back
         assert cfg.data.image_size == 64 and cfg.trainer.epochs == SMOKE_EPOCHS
@@ -208,6 +213,55 @@ def test_smoke_search_writes_leaderboard_and_best_configs(smoke):
         assert not (Path(entry["checkpoint"]).parent / "last.pt").exists()
     state = json.loads((smoke.dir / "search_state.json").read_text())
     assert state["status"] == "finished" and len(state["trials"]) == SMOKE_TRIALS
+
+
+def test_completed_trials_keep_validation_probabilities_for_the_top_k_selection(smoke):
+    """tune/diversity.py on the search's own trials: files, both fold ensembles recomputed, the parent run."""
+    import numpy as np
+    import torch
+
+    from training.evaluation.metrics import ConfusionMatrix
+
+    assert smoke.rc == 0, tail(smoke.log)
+    classes = smoke.best["configs"][0]["config"]["data"]["classes"] or []
+    kept = {}
+    for row in smoke.leaderboard:
+        files = sorted((smoke.tune_dir / f"trial_{row['trial_id']}").glob("checkpoint_*/val_*.npy"))
+        if row["status"] != "completed":  # ASHA-stopped: dropped at the end of the search
+            assert not files, row
+            continue
+        latest = Path(row["checkpoint"]).parent
+        assert [f.name for f in files] == ["val_ids.npy", "val_proba.npy", "val_target.npy"] and {f.parent for f in files} == {latest}
+        proba, ids, target = (np.load(latest / f"val_{name}.npy") for name in ("proba", "ids", "target"))
+        assert proba.dtype == target.dtype == np.uint8 and proba.shape[0] == len(ids) == target.shape[0] >= 4
+        assert proba.shape[2:] == target.shape[1:] == (64, 64) and (not classes or proba.shape[1] == len(classes))
+        kept[row["trial_id"]] = (proba, target)
+    selection = smoke.best["selection"]
+    assert selection["candidates"] == list(kept) and selection["asked"] == "auto" and selection["fold"] == 0
+
+    def fold_miou(trials):
+        total = sum(kept[t][0].astype(np.float64) for t in trials)
+        cm = ConfusionMatrix(total.shape[1])
+        cm.update(torch.from_numpy(total.argmax(1)), torch.from_numpy(kept[trials[0]][1].astype(np.int64)))
+        return cm.scores().miou
+
+    scores = {name: selection[name]["fold_miou"] for name in ("individual", "diverse")}
+    for name, value in scores.items():
+        assert value == pytest.approx(fold_miou(selection[name]["trials"]), abs=1e-9), name
+    assert selection["individual"]["trials"] == list(kept)[:2]
+    if len(kept) > 2:  # auto hands off the higher ensemble; with <= top_k candidates there is nothing to choose
+        assert selection["method"] == ("diverse" if scores["diverse"] > scores["individual"] else "individual")
+    else:
+        assert selection["method"] == "individual" and selection["chosen_by"].startswith(f"only {len(kept)} candidate(s)")
+    log = smoke.log.read_text()
+    assert f"  individual  {scores['individual']:.4f}  " in log and f"  diverse     {scores['diverse']:.4f}  " in log
+
+    client = mlflow_client(smoke.uri)
+    parent_id = smoke.best["search_parent_run_id"]
+    metrics = client.get_run(parent_id).data.metrics
+    assert metrics["topk_individual_fold_miou"] == pytest.approx(scores["individual"]) and metrics["topk_diverse_fold_miou"] == pytest.approx(scores["diverse"])
+    logged = json.loads(Path(client.download_artifacts(parent_id, "topk_selection.json")).read_text())
+    assert logged == selection
 
 
 def test_asha_stops_trials_before_max_t(smoke):

@@ -212,6 +212,9 @@ class SearchConfig(_Strict):
     fold: int = Field(0, ge=0)
     max_failures: int = Field(2, ge=0)  # retries of a failed trial from its last checkpoint
     top_k: int = Field(3, ge=1)  # configs written to best_configs.yaml
+    # how those are chosen (tune/diversity.py): individual = best val mIoU each; diverse = greedy
+    # forward selection on the fold ensemble's mIoU; auto = whichever ensemble scores higher
+    top_k_method: Literal["auto", "individual", "diverse"] = "auto"
 
 
 class Config(_Strict):

@@ -64,6 +64,31 @@ class RankedConfig(BaseModel):
         return config_from_dict(self.config, source)
 
 
+class TopKEnsemble(BaseModel):
+    """One way to pick the top-k: its trials (in hand-off order) and their soft-vote ensemble mIoU on the search fold."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trials: list[str]
+    fold_miou: float
+    steps: list[dict[str, Any]] = Field(default_factory=list)  # greedy selection: each step's added trial and mIoU
+
+
+class TopKSelection(BaseModel):
+    """How the configs of best_configs.yaml were chosen (tune/diversity.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["individual", "diverse"]  # what `configs` holds
+    asked: Literal["auto", "individual", "diverse"] = "auto"  # search.top_k_method
+    chosen_by: str  # why `method`, in words
+    fold: int = 0
+    candidates: list[str] = Field(default_factory=list)  # completed trials with stored validation probabilities
+    individual: TopKEnsemble | None = None
+    diverse: TopKEnsemble | None = None
+    notes: list[str] = Field(default_factory=list)
+
+
 class BestConfigs(_Document):
     """results/<experiment>/best_configs.yaml: written by tune/search.py, read by the k-fold and later stages."""
 
@@ -80,6 +105,7 @@ class BestConfigs(_Document):
     mlflow_experiment_id: str | None = None
     search_parent_run_id: str | None = None
     configs: list[RankedConfig] = Field(min_length=1)
+    selection: TopKSelection | None = None  # absent in files of searches before the diversity-aware top-k
 
     remedy: ClassVar[str] = "re-run tune/search.py to write a current one"
 

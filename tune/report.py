@@ -8,7 +8,7 @@ import yaml
 
 from training.handoff import BEST_CONFIGS
 from training.infra import lineage as tags
-from tune import resume
+from tune import diversity, resume
 from tune.cost import log_costs
 from tune.results import (IMPORTANCES_PLOT, TrialRecord, best_configs, collect_records, importance_table, param_importances, prune_resume_state,
                           save_importance_plot, summary_table, write_leaderboard)
@@ -93,8 +93,10 @@ def write_results(session: "SearchSession", outcome: "SearchOutcome", log: Log) 
     mlflow = state.data["mlflow"]
     mlflow.update(experiment_id=tracker.experiments.get(session.experiment) or mlflow.get("experiment_id"),
                   parent_run_id=tracker.run_id(session.parent) or mlflow.get("parent_run_id"))
+    selection = None
     if not interrupted:
-        document = best_configs(records, session.space, experiment=session.experiment, space=session.space.source, smoke=session.smoke,
+        selection = diversity.select_top_k(records, session.space, log)
+        document = best_configs(records, session.space, selection, experiment=session.experiment, space=session.space.source, smoke=session.smoke,
                                 data_root=cfg.data.root, fold_manifest=state.data["fold_manifest"], mlflow_tracking_uri=tracker.uri,
                                 mlflow_experiment_id=mlflow["experiment_id"], search_parent_run_id=mlflow["parent_run_id"])
         outcome.best_configs = document.write(session.results_dir / BEST_CONFIGS) if document else None
@@ -106,6 +108,9 @@ def write_results(session: "SearchSession", outcome: "SearchOutcome", log: Log) 
     status = resume.INTERRUPTED if interrupted else resume.FINISHED
     state.end_session(status, trials={r.trial_id: {"status": r.status, "best_val_miou": r.best_val_miou, "epochs_trained": r.epochs_trained} for r in records})
     log("\n" + summary_table(records))
+    if selection:
+        log("\n" + selection.table())
+        diversity.log_selection(tracker, session.parent, selection)
     if not interrupted:
         log_importances(session, records, log)
         tracker.set_tags(session.parent, {tags.STATUS: "finished"})

@@ -203,10 +203,15 @@ def write_leaderboard(records: list[TrialRecord], path: Path) -> Path:
     return path
 
 
-def best_configs(records: list[TrialRecord], search_space: SearchSpace, **header: Any) -> BestConfigs | None:
-    """THE hand-off training/final_kfold.py reads: the top search.top_k usable configs, best first (None: none usable)."""
+def best_configs(records: list[TrialRecord], search_space: SearchSpace, selection: Any = None, **header: Any) -> BestConfigs | None:
+    """THE hand-off training/final_kfold.py reads: the top search.top_k usable configs, best first (None: none usable).
+
+    `selection` (tune/diversity.Selection): its chosen configs instead, in its order, and how they were chosen.
+    """
     space = search_space
-    top = [r for r in records if r.usable][: space.defaults.search.top_k]
+    top = selection.chosen if selection else [r for r in records if r.usable][: space.defaults.search.top_k]
+    if selection:
+        header["selection"] = selection.doc
     if not top:
         return None
     configs = [

@@ -54,6 +54,7 @@ class SearchOptions:
     address: str | None = None
     retry_errored: bool = False
     max_trial_cost: float | None = None  # seconds; overrides search.max_trial_cost
+    top_k_method: str | None = None  # search.top_k_method: auto | individual | diverse (tune/diversity.py)
     overrides: dict[str, Any] = field(default_factory=dict)  # extra {dotted key: value}, e.g. data.subset
     num_cpus: int | None = None  # local Ray only (default: all cores)
     ray_temp_dir: str | None = None  # local Ray only
@@ -115,6 +116,8 @@ def cli_overrides(opts: SearchOptions) -> dict[str, Any]:
         if not opts.max_trial_cost > 0:  # also NaN
             raise ConfigError(f"--max-trial-cost: {opts.max_trial_cost:g} is not a budget; give the seconds one trial may cost (> 0)")
         overrides["search.max_trial_cost"] = opts.max_trial_cost
+    if opts.top_k_method:
+        overrides["search.top_k_method"] = opts.top_k_method
     return overrides
 
 
@@ -177,8 +180,8 @@ def settings_for(opts: SearchOptions, state: SearchState | None, space: SearchSp
         return space, opts.smoke, cli_overrides(opts)
     if state is None:
         raise SegtuneError(f"{results_dir / resume.STATE_FILE}: no such search to resume (the experiment name is the directory under {results_dir.parent})")
-    if opts.data or opts.num_samples or opts.overrides or opts.max_trial_cost is not None or (opts.smoke and not state.data["smoke"]):
-        log("note: a resumed search keeps the settings it started with; ignoring --data/--num-samples/--max-trial-cost/--smoke")
+    if opts.data or opts.num_samples or opts.overrides or opts.max_trial_cost is not None or opts.top_k_method or (opts.smoke and not state.data["smoke"]):
+        log("note: a resumed search keeps the settings it started with; ignoring --data/--num-samples/--max-trial-cost/--smoke/--top-k-method")
     return stored_settings(state)
 
 

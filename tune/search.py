@@ -29,6 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-trial-cost", type=float, metavar="SECONDS",
                    help="skip a trial whose first epoch projects its training past SECONDS (overrides search.max_trial_cost)")
     p.add_argument("--retry-errored", action="store_true", help="with --resume: also retry errored trials from their last checkpoint")
+    p.add_argument("--top-k-method", choices=("auto", "individual", "diverse"),
+                   help="how best_configs.yaml's top-k are chosen: best val mIoU each (individual), greedy selection on the fold "
+                        "ensemble's mIoU (diverse), or whichever ensemble scores higher on the fold (auto; search.top_k_method, default auto)")
     args = p.parse_args(argv)
     if args.num_samples is not None and args.num_samples < 1:
         p.error("--num-samples must be >= 1")
@@ -51,6 +54,7 @@ def main(argv=None) -> int:
             address=args.address,
             retry_errored=args.retry_errored,
             max_trial_cost=args.max_trial_cost,
+            top_k_method=args.top_k_method,
         )
     )
     return 130 if outcome.interrupted else 0

@@ -117,8 +117,9 @@ def train_trial(config: dict[str, Any], space: SearchSpace, data: PreparedData, 
             raise OverBudget(skip)
 
     try:
+        # keep_val_proba: the diversity-aware top-k votes with them (tune/diversity.py)
         train(cfg, data, cfg.search.fold, work, callbacks=[report_epoch], resume=resume, device=_device(),
-              log=lambda line: print(f"[{trial_id}] {line}", flush=True))
+              log=lambda line: print(f"[{trial_id}] {line}", flush=True), keep_val_proba=True)
     except OverBudget:
         pass  # its one epoch is reported and checkpointed: the trial ends here
     finally:

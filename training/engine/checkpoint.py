@@ -3,6 +3,8 @@
     <out_dir>/last.pt       everything to continue exactly (model, optimizer, scheduler, scaler, history)
     <out_dir>/best.pt       the best epoch's weights (the EMA's with trainer.ema) + config/classes/fold (what stages predict with)
     <out_dir>/metrics.json  best_miou, best_epoch, per_class_iou, epochs_trained, history
+    <out_dir>/val_proba.npy the best epoch's validation softmax, uint8 N x C x S x S at the score size, with
+    <out_dir>/val_ids.npy, val_target.npy   (only when asked: search trials, for the diversity-aware top-k)
 
 Every stage (Tune trials, k-fold tasks, prediction) reads runs through this module.
 """
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 LAST = "last.pt"
 BEST = "best.pt"
 METRICS = "metrics.json"
+VAL_STEM = "val"  # evaluation/selection.OOFFold files: val_proba.npy, val_ids.npy, val_target.npy
 BEST_KEYS = ("model", "epoch", "best_miou", "best_per_class", "config", "classes", "fold")
 NEW, PARTIAL, DONE = "new", "partial", "done"
 

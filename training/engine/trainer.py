@@ -203,8 +203,11 @@ class Trainer:
         device: str | torch.device | None = None,
         log: Callable[[str], None] = print,
         resume: str | Path | None = None,
+        keep_val_proba: bool = False,
     ):
         self.cfg = cfg
+        self.keep_val_proba = keep_val_proba  # store the best epoch's validation probabilities (checkpoint.VAL_STEM)
+        self.val_proba: tuple[list, list, list] | None = None  # (ids, uint8 probabilities, targets) of the last evaluate()
         self.data = data
         self.fold = fold
         self.out_dir = Path(out_dir)
@@ -385,9 +388,12 @@ class Trainer:
         cm = ConfusionMatrix(len(self.classes), self.cfg.loss.ignore_index)
         total, count = 0.0, 0
         samples = []
+        self.val_proba = ([], [], []) if self.keep_val_proba else None
         with ForwardTimer(model, self.device) as forward:
             for batch in predict_batches([member], self.val_loader, device=self.device):
                 logits, masks = batch.outputs[0].logits, batch.targets
+                if self.val_proba is not None:
+                    self._keep_proba(batch.ids, logits, masks)
                 with torch.no_grad():
                     loss, _ = self.loss_fn(logits, masks)
                 pred = logits.argmax(1)
@@ -407,6 +413,22 @@ class Trainer:
             "mem_kind": self.memory.kind,
             "infer_ms_per_image": self.infer_ms_per_image,
         }
+
+    def _keep_proba(self, ids: list, logits: torch.Tensor, masks: torch.Tensor) -> None:
+        from training.evaluation.selection import quantize
+
+        self.val_proba[0].extend(ids)
+        self.val_proba[1].append(quantize(logits.float().softmax(1)))
+        self.val_proba[2].append(masks.cpu().numpy().astype("uint8"))
+
+    def _save_val_proba(self) -> None:
+        """The best epoch's validation probabilities next to best.pt, as an OOFFold (uint8, the score size)."""
+        import numpy as np
+
+        from training.evaluation.selection import OOFFold
+
+        ids, proba, targets = self.val_proba
+        OOFFold.save(self.out_dir / checkpoint.VAL_STEM, ids, np.concatenate(proba), np.concatenate(targets))
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
@@ -452,6 +474,8 @@ class Trainer:
                 from training.evaluation.plots import save_epoch_plots
 
                 save_epoch_plots(self.out_dir, samples, scores.per_class_iou, self.classes)
+            if is_best and self.val_proba is not None:
+                self._save_val_proba()
             self._save(is_best)
             self.log(
                 f"epoch {self.epoch}/{cfg.trainer.epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
@@ -472,9 +496,13 @@ def train(
     resume: str | Path | None = None,
     device: str | torch.device | None = None,
     log: Callable[[str], None] = print,
+    keep_val_proba: bool = False,
 ) -> TrainResult:
-    """Train `cfg` on `fold`, optionally continuing from a checkpoint (file or directory)."""
-    return Trainer(cfg, data, fold, out_dir, callbacks, device, log, resume=resume).fit()
+    """Train `cfg` on `fold`, optionally continuing from a checkpoint (file or directory).
+
+    keep_val_proba: also store the best epoch's validation probabilities (checkpoint.VAL_STEM).
+    """
+    return Trainer(cfg, data, fold, out_dir, callbacks, device, log, resume=resume, keep_val_proba=keep_val_proba).fit()
 
 
 def evaluate_untrained(cfg: "Config", data: PreparedData, fold: int) -> float:

@@ -134,6 +134,23 @@ class OOFFold:
     def load(cls, path_stem: Path) -> "OOFFold":
         return cls(np.load(f"{path_stem}_ids.npy").tolist(), np.load(f"{path_stem}_proba.npy", mmap_mode="r"), np.load(f"{path_stem}_target.npy"))
 
+    @classmethod
+    def stack(cls, runs: Sequence["OOFFold"]) -> "OOFFold":
+        """One fold of several runs' probabilities (each N x C x H x W, same images), without copying them."""
+        return cls(runs[0].image_ids, StackedProba([r.proba for r in runs]), runs[0].target)
+
+
+class StackedProba:
+    """configs x N x C x H x W read as `[config, images]` from one array per config (memory-mapped files stay on disk)."""
+
+    def __init__(self, arrays: Sequence[np.ndarray]):
+        self.arrays = list(arrays)
+        self.shape = (len(self.arrays), *self.arrays[0].shape)
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        config, *rest = key
+        return self.arrays[config][tuple(rest)]
+
 
 def weighted_labels(fold: OOFFold, weights: Sequence[float], vote: str, chunk: int = 16) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
     """(images slice, labels n x H x W, weighted probability sum n x C x H x W) in chunks of a fold."""
@@ -156,19 +173,25 @@ def ensemble_matrix(folds: Sequence[OOFFold], weights: Sequence[float], vote: st
 
 
 def greedy_weights(folds: Sequence[OOFFold], vote: str, num_classes: int, ignore_index: int | None,
-                   max_steps: int | None = None) -> tuple[list[int], float, list[dict[str, Any]]]:
+                   max_steps: int | None = None, replacement: bool = True) -> tuple[list[int], float, list[dict[str, Any]]]:
     """Greedy forward selection with replacement (Caruana et al. 2004): weights = how often a config was picked.
 
     Each step adds the config that gives the highest OOF mIoU (repeats allowed); after
     max_steps the best-scoring prefix is kept (the earliest on ties), so the result scores at
     least as high as the best single config. Returns (counts per config, its mIoU, steps).
+    `replacement=False`: each config at most once (at most n steps); steps[j] is then the
+    (j+1)-member set, e.g. the search's diversity-aware top-k (tune/diversity.py).
     """
     n = folds[0].proba.shape[0]
     max_steps = max_steps or max(4, 2 * n)
+    if not replacement:
+        max_steps = min(max_steps, n)
     counts, steps, best = [0] * n, [], (-np.inf, [0] * n)
     for _ in range(max_steps):
         tried = []
         for i in range(n):
+            if counts[i] and not replacement:
+                continue
             trial = counts.copy()
             trial[i] += 1
             tried.append((SegScores.from_matrix(ensemble_matrix(folds, trial, vote, num_classes, ignore_index)).miou, i))
