@@ -120,6 +120,8 @@ class OptimizerConfig(_Strict):
     weight_decay: float = Field(1e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
     encoder_lr_mult: float = Field(1.0, gt=0)  # encoder lr = lr * this
+    # layer-wise decay: the last encoder stage gets lr * encoder_lr_mult, each earlier stage this much less; 1: off
+    layer_decay: float = Field(1.0, gt=0, le=1)
 
 
 class SchedulerConfig(_Strict):
@@ -200,9 +202,19 @@ class Config(_Strict):
     def _cross_checks(self) -> "Config":
         if self.search.fold >= self.folds.n_splits:
             raise ValueError(f"search.fold={self.search.fold} but folds.n_splits={self.folds.n_splits}")
-        min_size = arch_info(self.model.arch).min_size
-        if self.data.image_size < min_size:
-            raise ValueError(f"data.image_size={self.data.image_size} but model.arch={self.model.arch} needs at least {min_size}")
+        arch = arch_info(self.model.arch)
+        if self.data.image_size < arch.min_size:
+            raise ValueError(f"data.image_size={self.data.image_size} but model.arch={self.model.arch} needs at least {arch.min_size}")
+        if self.data.batch_size < arch.min_batch:
+            raise ValueError(
+                f"data.batch_size={self.data.batch_size} but model.arch={self.model.arch} needs at least {arch.min_batch} "
+                "(batch norm after its global pooling cannot train on one image)"
+            )
+        from training.modeling.encoders import arch_encoder_error  # torch, timm, smp: only once names are known
+
+        problem = arch_encoder_error(arch, self.model.encoder, self.model.params)
+        if problem:
+            raise ConfigError(problem)  # not ValueError: the line names its own keys
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from training.evaluation.inference import predict_batches
 from training.evaluation.members import Member
 from training.evaluation.metrics import ConfusionMatrix
 from training.evaluation.tta import autocast
+from training.modeling.encoders import encoder_stages
 from training.modeling.losses import LossMix
 from training.modeling.models import arch_spec, build_model
 
@@ -103,15 +104,28 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
+def encoder_param_groups(cfg: "Config", encoder: torch.nn.Module) -> list[dict[str, Any]]:
+    """One group at lr * encoder_lr_mult, or with optimizer.layer_decay < 1 one per encoder stage,
+    the deepest at that lr and each shallower one layer_decay times the next."""
+    opt = cfg.optimizer
+    encoder_lr = opt.lr * opt.encoder_lr_mult
+    if opt.layer_decay == 1:
+        return [{"params": list(encoder.parameters()), "lr": encoder_lr, "name": "encoder"}]
+    stages = encoder_stages(encoder, cfg.data.image_size)
+    frozen = [p for p in encoder.parameters() if not p.requires_grad]  # in no stage; kept so every parameter has a group
+    stages[0] = frozen + stages[0]
+    last = len(stages) - 1
+    return [
+        {"params": params, "lr": encoder_lr * opt.layer_decay ** (last - i), "name": f"encoder.stage{i}"}
+        for i, params in enumerate(stages)
+    ]
+
+
 def build_optimizer(cfg: "Config", model: torch.nn.Module) -> torch.optim.Optimizer:
     opt = cfg.optimizer
-    encoder_params = list(model.encoder.parameters())
-    encoder_ids = {id(p) for p in encoder_params}
-    other_params = [p for p in model.parameters() if id(p) not in encoder_ids]
-    groups = [
-        {"params": encoder_params, "lr": opt.lr * opt.encoder_lr_mult, "name": "encoder"},
-        {"params": other_params, "lr": opt.lr, "name": "decoder"},
-    ]
+    groups = encoder_param_groups(cfg, model.encoder)
+    encoder_ids = {id(p) for group in groups for p in group["params"]}
+    groups.append({"params": [p for p in model.parameters() if id(p) not in encoder_ids], "lr": opt.lr, "name": "decoder"})
     if opt.name == "sgd":
         return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=True)
     cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
@@ -188,7 +202,7 @@ class Trainer:
         torch.manual_seed(cfg.trainer.seed)
         # A checkpoint holds every weight: resuming must not need the pretrained file or cache.
         model_cfg = cfg.model if resume is None else cfg.model.model_copy(update={"encoder_weights": None})
-        self.model = build_model(model_cfg, len(self.classes)).to(self.device)
+        self.model = build_model(model_cfg, len(self.classes), cfg.data.image_size).to(self.device)
         self.memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
         self.ema = build_ema(cfg, self.model)
