@@ -109,9 +109,9 @@ def encoder_param_groups(cfg: "Config", encoder: torch.nn.Module) -> list[dict[s
     the deepest at that lr and each shallower one layer_decay times the next."""
     opt = cfg.optimizer
     encoder_lr = opt.lr * opt.encoder_lr_mult
-    if opt.layer_decay == 1:
+    stages = encoder_stages(encoder, cfg.data.image_size) if opt.layer_decay < 1 else []
+    if not stages:  # decay off, or nothing in the encoder trains
         return [{"params": list(encoder.parameters()), "lr": encoder_lr, "name": "encoder"}]
-    stages = encoder_stages(encoder, cfg.data.image_size)
     frozen = [p for p in encoder.parameters() if not p.requires_grad]  # in no stage; kept so every parameter has a group
     stages[0] = frozen + stages[0]
     last = len(stages) - 1

@@ -161,7 +161,8 @@ def encoder_stages(encoder: nn.Module, image_size: int) -> list[list[nn.Paramete
     meta = {name: torch.empty_like(p, device="meta").requires_grad_(p.requires_grad) for name, p in named.items()}
     meta |= {name: torch.empty_like(b, device="meta") for name, b in encoder.named_buffers()}
     channels = getattr(encoder, "_in_channels", 3)
-    features = functional_call(encoder, meta, (torch.empty(1, channels, image_size, image_size, device="meta"),))
+    # two images: batch norm in training mode refuses one value per channel (a 1x1 map at 32 px)
+    features = functional_call(encoder, meta, (torch.empty(2, channels, image_size, image_size, device="meta"),))
     stages: list[list[str]] = []
     seen: set[str] = set()
     for feature in features:
