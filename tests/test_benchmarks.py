@@ -46,3 +46,11 @@ def test_onnx_inference_benchmark_reports_torch_and_onnxruntime():
     report = run_benchmark("onnx_inference.py", "--size", "64", "--encoder", "resnet18", "--images", "2", "--batch", "2", "--repeats", "1")
     text = json.dumps(report)
     assert "torch" in text and "onnxruntime" in text, report
+
+
+def test_upernet_memory_benchmark_reports_each_encoder():
+    report = run_benchmark("upernet_memory.py", "--encoders", "tu-convnext_atto,tu-swin_tiny_patch4_window7_224", "--size", "64")
+    assert [r["encoder"] for r in report["rows"]] == ["tu-convnext_atto", "tu-swin_tiny_patch4_window7_224"], report
+    for row in report["rows"]:
+        assert 0 < row["act_fp16_gb_per_img"] < row["act_fp32_gb_per_img"] and row["max_batch_amp"] > 0, row
+    assert report["rows"][0]["params_m"] == 11.0  # UPerNet over ConvNeXt-atto, 11 classes: 11.0M parameters

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 
@@ -17,7 +18,7 @@ from training.engine.checkpoint import load as load_checkpoint
 from training.errors import ConfigError, WeightsNotFoundError
 from training.modeling.losses import LOSSES
 from training.modeling.models import ARCHITECTURES, arch_spec, build_model
-from training.modeling.registry import ARCH_TABLE, LOSS_TERMS
+from training.modeling.registry import ARCH_TABLE, LOSS_TERMS, arch_info
 
 NUM_CLASSES = 5
 
@@ -44,6 +45,13 @@ def test_every_architecture_builds(arch):
     model = build_model(ModelConfig(arch=arch, encoder="resnet18"), NUM_CLASSES)
     assert isinstance(model, spec.cls)
     assert logits(model, size).shape == (2, NUM_CLASSES, size, size)
+    # registry min_batch: 2 exactly where smp's model cannot train on a batch of one image
+    one_image = torch.randn(1, 3, size, size)
+    if arch_info(arch).min_batch == 2:
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+            model.train()(one_image)
+    else:
+        assert model.train()(one_image).shape == (1, NUM_CLASSES, size, size)
 
 
 def test_small_inputs_refused_for_pan():
@@ -58,6 +66,10 @@ def test_models_and_losses_are_the_registry_names():
     assert [(s.name, s.cls, s.divisor, s.min_size) for s in ARCHITECTURES.values()] == [
         (info.name, getattr(smp, info.smp_class), info.divisor, info.min_size) for info in ARCH_TABLE
     ]
+    # the encoder output stride each architecture asks for is smp's own default (below 32: dilated)
+    for info in ARCH_TABLE:
+        param = inspect.signature(getattr(smp, info.smp_class)).parameters.get("encoder_output_stride")
+        assert info.encoder_output_stride == (param.default if param is not None else 32), info.name
     assert set(LOSSES) == set(LOSS_TERMS)
 
 
@@ -99,7 +111,7 @@ def test_imagenet_without_local_weights_explains_how_to_provide_them(tmp_path):
     weights.mkdir()
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"), "SEGTUNE_WEIGHTS_DIR": str(weights)}
     proc = subprocess.run(
-        [PYTHON, "-c", NO_WEIGHTS_SCRIPT, "resnet18", "tu-resnet18", "mit_b0"],
+        [PYTHON, "-c", NO_WEIGHTS_SCRIPT, "resnet18", "tu-resnet18", "mit_b0", "tu-convnext_atto", "tu-swin_tiny_patch4_window7_224"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr

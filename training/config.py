@@ -145,6 +145,8 @@ class OptimizerConfig(_Strict):
     weight_decay: float = Field(1e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
     encoder_lr_mult: float = Field(1.0, gt=0)  # encoder lr = lr * this
+    # layer-wise decay: the last encoder stage gets lr * encoder_lr_mult, each earlier stage this much less; 1: off
+    layer_decay: float = Field(1.0, gt=0, le=1)
 
 
 class SchedulerConfig(_Strict):
@@ -233,9 +235,19 @@ class Config(_Strict):
     def _cross_checks(self) -> "Config":
         if self.search.fold >= self.folds.n_splits:
             raise ValueError(f"search.fold={self.search.fold} but folds.n_splits={self.folds.n_splits}")
-        min_size = arch_info(self.model.arch).min_size
-        if self.data.image_size < min_size:
-            raise ValueError(f"data.image_size={self.data.image_size} but model.arch={self.model.arch} needs at least {min_size}")
+        arch = arch_info(self.model.arch)
+        if self.data.image_size < arch.min_size:
+            raise ValueError(f"data.image_size={self.data.image_size} but model.arch={self.model.arch} needs at least {arch.min_size}")
+        if self.data.batch_size < arch.min_batch:
+            raise ValueError(
+                f"data.batch_size={self.data.batch_size} but model.arch={self.model.arch} needs at least {arch.min_batch} "
+                "(batch norm after its global pooling cannot train on one image)"
+            )
+        from training.modeling.encoders import arch_encoder_error  # torch, timm, smp: only once names are known
+
+        problem = arch_encoder_error(arch, self.model.encoder, self.model.params)
+        if problem:
+            raise ConfigError(problem)  # not ValueError: the line names its own keys
         if self.data.pseudo_labels and self.loss.ignore_index is None:
             raise ValueError("data.pseudo_labels needs loss.ignore_index: the label of the pixels the loss ignores (unconfident ones)")
         if self.data.classes is not None:

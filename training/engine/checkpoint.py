@@ -134,6 +134,6 @@ def load_model_and_classes(checkpoint: str | Path, device: torch.device | str = 
 
     state = load(checkpoint)
     cfg = config_from_dict(state["config"], f"{checkpoint}: config")
-    model = build_model(cfg.model.model_copy(update={"encoder_weights": None}), len(state["classes"]))
+    model = build_model(cfg.model.model_copy(update={"encoder_weights": None}), len(state["classes"]), cfg.data.image_size)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg, state.get("fold"), list(state["classes"])

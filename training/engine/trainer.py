@@ -28,6 +28,7 @@ from training.evaluation.inference import predict_batches
 from training.evaluation.members import Member
 from training.evaluation.metrics import ConfusionMatrix
 from training.evaluation.tta import autocast
+from training.modeling.encoders import encoder_stages
 from training.modeling.losses import LossMix
 from training.modeling.models import arch_spec, build_model
 
@@ -116,15 +117,28 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
+def encoder_param_groups(cfg: "Config", encoder: torch.nn.Module) -> list[dict[str, Any]]:
+    """One group at lr * encoder_lr_mult, or with optimizer.layer_decay < 1 one per encoder stage,
+    the deepest at that lr and each shallower one layer_decay times the next."""
+    opt = cfg.optimizer
+    encoder_lr = opt.lr * opt.encoder_lr_mult
+    stages = encoder_stages(encoder, cfg.data.image_size) if opt.layer_decay < 1 else []
+    if not stages:  # decay off, or nothing in the encoder trains
+        return [{"params": list(encoder.parameters()), "lr": encoder_lr, "name": "encoder"}]
+    frozen = [p for p in encoder.parameters() if not p.requires_grad]  # in no stage; kept so every parameter has a group
+    stages[0] = frozen + stages[0]
+    last = len(stages) - 1
+    return [
+        {"params": params, "lr": encoder_lr * opt.layer_decay ** (last - i), "name": f"encoder.stage{i}"}
+        for i, params in enumerate(stages)
+    ]
+
+
 def build_optimizer(cfg: "Config", model: torch.nn.Module) -> torch.optim.Optimizer:
     opt = cfg.optimizer
-    encoder_params = list(model.encoder.parameters())
-    encoder_ids = {id(p) for p in encoder_params}
-    other_params = [p for p in model.parameters() if id(p) not in encoder_ids]
-    groups = [
-        {"params": encoder_params, "lr": opt.lr * opt.encoder_lr_mult, "name": "encoder"},
-        {"params": other_params, "lr": opt.lr, "name": "decoder"},
-    ]
+    groups = encoder_param_groups(cfg, model.encoder)
+    encoder_ids = {id(p) for group in groups for p in group["params"]}
+    groups.append({"params": [p for p in model.parameters() if id(p) not in encoder_ids], "lr": opt.lr, "name": "decoder"})
     if opt.name == "sgd":
         return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=True)
     cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
@@ -226,7 +240,7 @@ class Trainer:
         # A checkpoint holds every weight: resuming (or starting from trained weights) must not need the pretrained file.
         init = cfg.trainer.init_from if resume is None else None
         model_cfg = cfg.model if resume is None and not init else cfg.model.model_copy(update={"encoder_weights": None})
-        self.model = build_model(model_cfg, len(self.classes))
+        self.model = build_model(model_cfg, len(self.classes), cfg.data.image_size)
         if init:
             self.model.load_state_dict(initial_weights(init, cfg, self.classes, fold))
         self.model = self.model.to(self.device)

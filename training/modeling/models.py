@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from training.errors import WeightsNotFoundError
+from training.modeling.encoders import timm_size_kwargs
 from training.modeling.registry import ARCH_TABLE, WEIGHT_SUFFIXES, arch_info, check_model_field, is_timm
 
 if TYPE_CHECKING:
@@ -203,8 +204,12 @@ def _build_timm_pretrained(spec: ArchSpec, encoder: str, weights_file: Path, num
     return model
 
 
-def build_model(cfg: "ModelConfig", num_classes: int) -> nn.Module:
-    """The smp model for `cfg`, encoder weights loaded from local files only."""
+def build_model(cfg: "ModelConfig", num_classes: int, image_size: int | None = None) -> nn.Module:
+    """The smp model for `cfg`, encoder weights loaded from local files only.
+
+    `image_size` (data.image_size) is what a fixed-size timm encoder (Swin) is made for; it
+    also takes other multiples of 32. A checkpoint must be rebuilt with the size it trained at.
+    """
     spec = arch_spec(cfg.arch)
     weights_file: Path | None = None
     if cfg.encoder_weights == "imagenet":
@@ -213,7 +218,7 @@ def build_model(cfg: "ModelConfig", num_classes: int) -> nn.Module:
         weights_file = Path(cfg.encoder_weights)
         if not weights_file.is_file():
             raise WeightsNotFoundError(f"model.encoder_weights: file not found: {weights_file}")
-    kwargs: dict[str, Any] = dict(cfg.params)
+    kwargs: dict[str, Any] = timm_size_kwargs(cfg.encoder, image_size) | cfg.params
     if weights_file is not None and is_timm(cfg.encoder):
         return _build_timm_pretrained(spec, cfg.encoder, weights_file, num_classes, kwargs)
     model = spec.cls(encoder_name=cfg.encoder, encoder_weights=None, classes=num_classes, **kwargs)

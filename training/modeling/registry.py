@@ -21,16 +21,21 @@ class ArchInfo:
     smp_class: str  # attribute of segmentation_models_pytorch
     divisor: int  # input sides must be multiples of this
     min_size: int = 32  # smallest input side the decoder accepts
+    # the smp class's default `encoder_output_stride`: below 32 the encoder must run dilated
+    encoder_output_stride: int = 32
+    # 2 where batch norm follows a global pooling (ASPP, PSP, pyramid attention): in training it
+    # refuses one value per channel, i.e. a batch of one image
+    min_batch: int = 1
 
 
 ARCH_TABLE: tuple[ArchInfo, ...] = (
-    ArchInfo("DeepLabV3", "DeepLabV3", 8),
-    ArchInfo("DeepLabV3Plus", "DeepLabV3Plus", 16),
+    ArchInfo("DeepLabV3", "DeepLabV3", 8, encoder_output_stride=8, min_batch=2),
+    ArchInfo("DeepLabV3Plus", "DeepLabV3Plus", 16, encoder_output_stride=16, min_batch=2),
     ArchInfo("Unet", "Unet", 32),
     ArchInfo("UnetPlusPlus", "UnetPlusPlus", 32),
     ArchInfo("FPN", "FPN", 32),
-    ArchInfo("PAN", "PAN", 32, min_size=128),  # its pyramid attention pools the 1/16 map 3 more times
-    ArchInfo("UPerNet", "UPerNet", 32),
+    ArchInfo("PAN", "PAN", 32, min_size=128, encoder_output_stride=16, min_batch=2),  # its pyramid attention pools the 1/16 map 3 more times
+    ArchInfo("UPerNet", "UPerNet", 32, min_batch=2),
     ArchInfo("Segformer", "Segformer", 32),
     ArchInfo("MAnet", "MAnet", 32),
     ArchInfo("Linknet", "Linknet", 32),
