@@ -54,3 +54,11 @@ def test_upernet_memory_benchmark_reports_each_encoder():
     for row in report["rows"]:
         assert 0 < row["act_fp16_gb_per_img"] < row["act_fp32_gb_per_img"] and row["max_batch_amp"] > 0, row
     assert report["rows"][0]["params_m"] == 11.0  # UPerNet over ConvNeXt-atto, 11 classes: 11.0M parameters
+
+
+def test_ema_benchmark_reports_both_curves(tmp_path):
+    data = write_camvid_subset(tmp_path / "camvid16", n_train=16)
+    report = run_benchmark("ema.py", "--data", str(data), "--epochs", "2", "--image-size", "64", "--subset", "16", "--batch", "4",
+                           "--warmup", "0")
+    assert len(report["plain"]["val_miou"]) == len(report["ema"]["val_miou"]) == 2, report
+    assert report["plain"]["val_miou"] != report["ema"]["val_miou"], report  # validation scored the average, not the weights
