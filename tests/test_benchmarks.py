@@ -62,3 +62,19 @@ def test_ema_benchmark_reports_both_curves(tmp_path):
                            "--warmup", "0")
     assert len(report["plain"]["val_miou"]) == len(report["ema"]["val_miou"]) == 2, report
     assert report["plain"]["val_miou"] != report["ema"]["val_miou"], report  # validation scored the average, not the weights
+
+def test_pseudo_label_benchmark_reports_each_round(tmp_path):
+    # threshold 0.08 < 1/12 (12 classes): every pixel is confident, so a 1-epoch ensemble still labels the test images
+    report = run_benchmark("pseudo_label.py", "--subset", "16", "--test-images", "4", "--epochs", "1", "--rounds", "1", "--folds", "2",
+                           "--threshold", "0.08", "--variants", "rare")
+    assert report["settings"]["annotated"] == 16 and report["settings"]["test_images"] == 4, report["settings"]
+    rare = report["rare_classes"]
+    shares = report["pixel_share"]
+    assert len(rare) == 3 and "Background" not in rare, rare
+    assert max(shares[c] for c in rare) <= min(v for c, v in shares.items() if c not in rare and c != "Background"), shares
+    rounds = report["variants"]["rare"]["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1] and report["variants"]["rare"]["error"] is None, rounds
+    assert rounds[0]["confident_share"] is None and rounds[1]["confident_share"] == 1.0, rounds
+    assert abs(rounds[1]["delta"] - (rounds[1]["oof_miou"] - rounds[0]["oof_miou"])) <= 1.5e-4, rounds  # each rounded to 4 places
+    for r in rounds:
+        assert 0 <= r["oof_miou"] <= 1 and set(r["rare_iou"]) == set(rare), r
