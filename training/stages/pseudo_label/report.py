@@ -11,7 +11,7 @@ from training.infra.fs import read_json, write_json
 from training.stages.pseudo_label.plan import Log, PseudoPlan
 
 SUMMARY = "summary.json"
-RARE_SHOWN = 3  # classes with the fewest confident pseudo pixels: their OOF IoU per round is shown in the table
+WEAKEST_SHOWN = 3  # classes whose OOF IoU per round the table shows
 
 
 def metric_name(name: str) -> str:
@@ -68,25 +68,22 @@ def finish(plan: PseudoPlan, rounds: list[dict[str, Any]], log: Log) -> dict[str
     return summary
 
 
-def _rarest(plan_rounds: list[dict[str, Any]]) -> list[str]:
-    """The classes with the fewest confident pseudo pixels in the first round (the rare ones a round is meant to help)."""
-    first = next((r["labels"] for r in plan_rounds if r["labels"]), None)
-    if not first:
-        return []
-    shares = {c: v for c, v in first["class_share"].items() if c != "Background"}
-    return sorted(shares, key=shares.get)[:RARE_SHOWN]
+def _weakest(rounds: list[dict[str, Any]]) -> list[str]:
+    """The classes the k-fold (round 0) scored lowest out-of-fold: where a round has most to gain or lose."""
+    ious = {c: v for c, v in (rounds[0].get("per_class_iou") or {}).items() if v is not None}
+    return sorted(ious, key=ious.get)[:WEAKEST_SHOWN]
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     rounds = summary["rounds"]
-    rare = _rarest(rounds)
-    head = f"{'round':>5} {'OOF mIoU':>9} {'delta':>8} {'labelled':>9} " + " ".join(f"{c[:12]:>12}" for c in rare) + "  status"
+    weakest = _weakest(rounds)
+    head = f"{'round':>5} {'OOF mIoU':>9} {'delta':>8} {'labelled':>9} " + " ".join(f"{c[:12]:>12}" for c in weakest) + "  status"
     lines = [f"pseudo-label summary: {summary['experiment']} (threshold {summary['threshold']}, {summary['images']['test']} test + "
-             f"{summary['images']['unlabelled']} unlabelled images; columns after 'labelled': OOF IoU of the rarest classes)", head, "-" * len(head)]
+             f"{summary['images']['unlabelled']} unlabelled images; after 'labelled': OOF IoU of the classes the k-fold scored lowest)", head, "-" * len(head)]
     for r in rounds:
         delta = "-" if r["delta"] is None else f"{r['delta']:+.4f}"
         labelled = "-" if not r["labels"] else f"{100 * r['labels']['confident_share']:.1f}%"
-        ious = " ".join(f"{_iou(r, c):>12}" for c in rare)
+        ious = " ".join(f"{_iou(r, c):>12}" for c in weakest)
         status = "k-fold" if r["round"] == 0 else ("kept" if r["kept"] else f"no gain (< {summary['min_delta']}): stopped")
         lines.append(f"{r['round']:>5} {r['oof_miou']:>9.4f} {delta:>8} {labelled:>9} {ious}  {status}")
     final = summary["final"]
