@@ -296,3 +296,24 @@ def test_a_batch_with_no_confident_pixel_is_a_zero_loss_not_nan():
     loss, terms = loss_fn(logits, torch.full((2, 8, 8), IGNORE))
     loss.backward()
     assert loss.item() == 0 and all(v.item() == 0 for v in terms.values()) and logits.grad.abs().max() == 0
+
+
+def test_warm_start_takes_the_same_folds_weights_and_refuses_another_fold(kfold, tmp_path):
+    """trainer.init_from (the rounds' --warm-start): each fold starts from that fold's best.pt; another fold's is refused."""
+    from training.config import load_space
+    from training.data.dataset import prepare_data
+    from training.engine import checkpoint
+    from training.engine.trainer import Trainer
+    from training.errors import SegtuneError
+
+    overrides = {"data.root": str(kfold.root), "model.encoder": "resnet18", "data.image_cache": False}
+    cfg = load_space("deeplab", smoke=True, overrides=overrides).defaults
+    data = prepare_data(cfg, log=lambda _: None)
+    config_dir = kfold.kfold_dir / "1"  # the k-fold's config directory: fold<k>/best.pt per fold
+    warm = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"init_from": str(config_dir)})})
+    trainer = Trainer(warm, data, 2, tmp_path / "warm", log=lambda _: None)
+    saved = checkpoint.load(config_dir / "fold2" / "best.pt")["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in trainer.model.state_dict().items())
+    other = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"init_from": str(config_dir / "fold0" / "best.pt")})})
+    with pytest.raises(SegtuneError, match="trained on fold 0: its weights have seen fold 2's validation images"):
+        Trainer(other, data, 2, tmp_path / "other", log=lambda _: None)
