@@ -70,3 +70,21 @@ def camvid_copy(tmp_path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(CAMVID / im["file_name"], target)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module (pytestmark usefixtures): with 2 threads on 2 cores, any other busy process
+    (a loader worker, a parallel job) stalls OpenMP's barriers and a step takes ~3x longer; one thread does not."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def camvid16(tmp_path_factory) -> Path:
+    """16 images: 5 folds leave ~13 train / 3 val at fold 0; enough for cheap loop checks."""
+    return write_camvid_subset(tmp_path_factory.mktemp("camvid16"), n_train=16)

@@ -22,16 +22,7 @@ from training.modeling.models import build_model
 NUM_CLASSES = 5
 SIZE = 64  # the smoke preset's size: the smallest every shipped space's architecture takes
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on 2 shared cores, 2 OpenMP threads stall whenever another process runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("one_torch_thread")]
 
 
 def space_encoders() -> list[tuple[str, str]]:

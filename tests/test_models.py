@@ -22,14 +22,7 @@ from training.modeling.registry import ARCH_TABLE, LOSS_TERMS, arch_info
 
 NUM_CLASSES = 5
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on 2 shared cores, 2 OpenMP threads stall whenever another process runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def logits(model: torch.nn.Module, size: int) -> torch.Tensor:

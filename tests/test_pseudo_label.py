@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from conftest import PYTHON, REPO, write_camvid_subset
+from test_reliability import run_to_end
 from test_search import search_env, short_tmp, stop_ray_processes, tail
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -53,8 +54,7 @@ def write_best_configs(results: Path, root: Path, uri: str) -> Path:
 
 
 def run_cli(args: list[str], env: dict, log: Path, timeout: float = 900) -> subprocess.CompletedProcess:
-    with open(log, "w") as out:
-        return subprocess.run([PYTHON, *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
+    return run_to_end([PYTHON, *args], env, log, timeout)
 
 
 @pytest.fixture(scope="module")

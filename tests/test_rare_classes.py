@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import write_camvid_subset
 from training.config import load_space
 from training.data.class_balance import median_frequency_weights
 from training.data.dataset import make_datasets, prepare_data
@@ -21,7 +20,7 @@ from training.engine.trainer import LAST, METRICS, Trainer, train
 from training.errors import ConfigError, SegtuneError
 from training.modeling.losses import LossMix
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("one_torch_thread")]
 QUIET = dict(log=lambda _: None)
 RARE = ["Bicyclist", "Pedestrian", "SignSymbol"]  # CamVid's classes with the fewest pixels
 
@@ -32,19 +31,6 @@ def smoke_cfg(root: Path, **overrides):
 
 def copy_paste(**params):
     return {"name": "CopyPaste", "classes": RARE, "p": 1.0, "max_objects": 3, **params}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def camvid16(tmp_path_factory) -> Path:
-    return write_camvid_subset(tmp_path_factory.mktemp("camvid16"), n_train=16)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from training.evaluation.tta import autocast
 from training.modeling.losses import LossMix
 from training.modeling.models import build_model
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("one_torch_thread")]
 QUIET = dict(log=lambda _: None)
 # history fields that measure time or memory, not training
 TIMING = ("epoch_seconds", "img_per_s", "train_seconds", "peak_mem_mb", "infer_ms_per_image")
@@ -36,22 +36,6 @@ TIMING = ("epoch_seconds", "img_per_s", "train_seconds", "peak_mem_mb", "infer_m
 
 def smoke_cfg(root: Path, **overrides):
     return load_space("deeplab", smoke=True, overrides={"data.root": str(root), **overrides}).defaults
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: with 2 threads on 2 cores, any other busy process (a loader worker,
-    a parallel job) stalls OpenMP's barriers and a step takes ~3x longer; one thread does not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def camvid16(tmp_path_factory) -> Path:
-    """16 images: 5 folds leave ~13 train / 3 val at fold 0; enough for cheap loop checks."""
-    return write_camvid_subset(tmp_path_factory.mktemp("camvid16"), n_train=16)
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,9 @@ from training.engine import checkpoint
 from training.engine.checkpoint import BEST, LAST, METRICS  # noqa: F401  (the run directory's names, for callers)
 from training.engine.costs import ForwardTimer, PeakMemory
 from training.errors import NonFiniteLossError, SegtuneError
-from training.evaluation.inference import predict_batches
+from training.evaluation.inference import MemberOutput, predict_batches
 from training.evaluation.members import Member
-from training.evaluation.metrics import ConfusionMatrix
+from training.evaluation.metrics import ConfusionMatrix, metric_key
 from training.evaluation.tta import autocast
 from training.modeling.encoders import encoder_stages
 from training.modeling.losses import LossMix
@@ -78,12 +78,8 @@ class EpochResult:
             "infer_ms_per_image": self.infer_ms_per_image,
         }
         flat.update({f"loss_{k}": v for k, v in self.loss_terms.items()})
-        flat.update({f"iou_{_metric_key(k)}": v for k, v in self.per_class_iou.items() if not math.isnan(v)})
+        flat.update({f"iou_{metric_key(k)}": v for k, v in self.per_class_iou.items() if not math.isnan(v)})
         return flat
-
-
-def _metric_key(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name)
 
 
 class Callback(Protocol):
@@ -407,7 +403,7 @@ class Trainer:
             for batch in predict_batches([member], self.val_loader, device=self.device):
                 logits, masks = batch.outputs[0].logits, batch.targets
                 if self.val_proba is not None:
-                    self._keep_proba(batch.ids, logits, masks)
+                    self._keep_proba(batch.ids, batch.outputs[0], masks)
                 with torch.no_grad():
                     loss, _ = self.loss_fn(logits, masks)
                 pred = logits.argmax(1)
@@ -428,11 +424,11 @@ class Trainer:
             "infer_ms_per_image": self.infer_ms_per_image,
         }
 
-    def _keep_proba(self, ids: list, logits: torch.Tensor, masks: torch.Tensor) -> None:
+    def _keep_proba(self, ids: list, output: "MemberOutput", masks: torch.Tensor) -> None:
         from training.evaluation.selection import quantize
 
         self.val_proba[0].extend(ids)
-        self.val_proba[1].append(quantize(logits.float().softmax(1)))
+        self.val_proba[1].append(quantize(output.proba))
         self.val_proba[2].append(masks.cpu().numpy().astype("uint8"))
 
     def _save_val_proba(self) -> None:

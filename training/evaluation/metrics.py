@@ -60,3 +60,8 @@ def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def metric_key(name: object) -> str:
+    """A class, config or mode name as an MLflow metric key part: anything but letters and digits becomes '_'."""
+    return "".join(ch if ch.isalnum() else "_" for ch in str(name))

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from training.engine import checkpoint
+from training.evaluation.metrics import metric_key
 from training.handoff import KFOLD_RESULT, KFoldResult
 from training.infra.fs import write_json
 from training.stages.kfold.context import KFoldRun
@@ -102,18 +103,18 @@ def log_ensemble(run: KFoldRun, summary: dict, matrix: np.ndarray) -> str | None
     lineage.run(key, "ensemble", "kfold_ensemble", {"segtune.ensemble_key": digest}, parent=run.parent)
     parent_metrics = {"ensemble_oof_miou": ens["oof_miou"]}
     for c in summary["configs"]:
-        parent_metrics |= {f"oof_miou_{_metric(c['key'])}": c["oof_miou"], f"oof_miou_tta_{_metric(c['key'])}": c["oof_miou_tta"],
-                           f"mean_fold_val_miou_{_metric(c['key'])}": c["mean_fold_val_miou"]}
+        parent_metrics |= {f"oof_miou_{metric_key(c['key'])}": c["oof_miou"], f"oof_miou_tta_{metric_key(c['key'])}": c["oof_miou_tta"],
+                           f"mean_fold_val_miou_{metric_key(c['key'])}": c["mean_fold_val_miou"]}
     tracker.log_metrics(run.parent, parent_metrics)
     lineage.set_tags(run.parent, {"segtune.selected_ranks": ",".join(ens["selected"]), "segtune.tta": summary["tta"], "segtune.vote": summary["vote"]})
     decisions = summary["decisions"]
     metrics = {"oof_miou": ens["oof_miou"], "mean_fold_val_miou": ens["mean_fold_val_miou"],
                "oof_miou_before_postprocess": decisions["postprocess"]["oof_miou_before"]}
-    metrics |= {f"oof_miou_tta_{_metric(m)}": v for m, v in decisions["tta"]["candidates"].items()}
+    metrics |= {f"oof_miou_tta_{metric_key(m)}": v for m, v in decisions["tta"]["candidates"].items()}
     metrics |= {f"oof_miou_vote_{v}": s for v, s in decisions["vote"]["candidates"].items()}
     metrics |= {f"oof_miou_weights_{w}": s for w, s in decisions["weights"]["candidates"].items()}
-    metrics |= {f"oof_miou_search_{_metric(e)}": v["oof_miou"] for e, v in ens["per_search"].items()}
-    metrics |= {f"iou_{_metric(n)}": v for n, v in ens["per_class_iou"].items() if v is not None}
+    metrics |= {f"oof_miou_search_{metric_key(e)}": v["oof_miou"] for e, v in ens["per_search"].items()}
+    metrics |= {f"iou_{metric_key(n)}": v for n, v in ens["per_class_iou"].items() if v is not None}
     tracker.log_metrics(key, metrics)
     tracker.log_params(key, {"selected": ens["selected"], "weights": ens["weights"], "candidates": ens["candidates"], "tta": summary["tta"],
                              "vote": summary["vote"], "postprocess": ens["postprocess"] or "none"})
@@ -124,10 +125,6 @@ def log_ensemble(run: KFoldRun, summary: dict, matrix: np.ndarray) -> str | None
     lineage.set_tags(key, {"segtune.submission": summary["submission"]["path"]})
     tracker.end_run(key, "FINISHED")
     return key
-
-
-def _metric(name: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in str(name))
 
 
 def hand_off(run: KFoldRun, summary: dict, decisions: Decisions) -> KFoldResult:

@@ -14,10 +14,6 @@ SUMMARY = "summary.json"
 WEAKEST_SHOWN = 3  # classes whose OOF IoU per round the table shows
 
 
-def metric_name(name: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in str(name))
-
-
 def _kfold_summary(kfold_result: Path) -> dict[str, Any]:
     return read_json(Path(KFoldResult.read(kfold_result).decisions), {}) or {}
 
@@ -48,11 +44,11 @@ def round_record(plan: PseudoPlan, r: int, round_dir: Path, labels: PseudoLabelS
     }
 
 
-def write_summary(plan: PseudoPlan, rounds: list[dict[str, Any]], final: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_summary(plan: PseudoPlan, rounds: list[dict[str, Any]], final: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     summary = {"experiment": plan.name, "kfold_result": str(plan.kfold_path.resolve()), "threshold": plan.options.threshold,
                "min_delta": plan.options.min_delta, "warm_start": plan.options.warm_start, "ignore_index": plan.ignore_index,
                "images": {"test": sum(i.source == "test" for i in plan.images), "unlabelled": sum(i.source == "unlabelled" for i in plan.images)},
-               "rounds": rounds, "final": final}
+               "rounds": rounds, "final": final, **extra}
     write_json(plan.out_dir / SUMMARY, summary)
     return summary
 
@@ -61,9 +57,7 @@ def finish(plan: PseudoPlan, rounds: list[dict[str, Any]], log: Log) -> dict[str
     """The best round (highest OOF mIoU among the kept ones) names the final submission."""
     best = max((r for r in rounds if r["kept"]), key=lambda r: r["oof_miou"])
     final = {"round": best["round"], "oof_miou": best["oof_miou"], "submission": best["submission"], "kfold_result": best["kfold_result"]}
-    summary = write_summary(plan, rounds, final)
-    summary["finished_at"] = time.time()
-    write_json(plan.out_dir / SUMMARY, summary)
+    summary = write_summary(plan, rounds, final, finished_at=time.time())
     log(format_summary(summary))
     return summary
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from training.errors import SegtuneError
+from training.evaluation.metrics import metric_key
 from training.handoff import KFOLD_RESULT, PSEUDO_LABELS, KFoldResult, PseudoImage, PseudoLabelSet
 from training.infra.fs import check_writable, read_json, write_json
 from training.infra.lineage import new_stage_id
@@ -81,7 +82,7 @@ def kfold_options(plan: PseudoPlan, r: int, previous: Path, labels_path: Path, l
     dirs = config_dirs(previous) if opts.warm_start else {}
     configs = [RetrainConfig(exp, rank, epochs, str(dirs[(exp, rank)]) if dirs else None) for (exp, rank), epochs in sorted(plan.epochs.items())]
     metrics = {"pseudo_round": r, "oof_miou_before": best["oof_miou"], "pseudo_images": len(labels.images),
-               "pseudo_confident_share": labels.confident_share} | {f"pseudo_share_{report.metric_name(c)}": v for c, v in labels.class_share.items()}
+               "pseudo_confident_share": labels.confident_share} | {f"pseudo_share_{metric_key(c)}": v for c, v in labels.class_share.items()}
     retrain = Retrain(configs, round_dir, overrides={"data.pseudo_labels": str(labels_path.resolve()), "loss.ignore_index": labels.ignore_index},
                       run_name=f"pseudo round {r}", upstream_run_id=plan.kfold.mlflow_parent_run_id, parent_metrics=metrics,
                       parent_tags={"segtune.pseudo_round": r, "segtune.pseudo_labels": labels_path.resolve(), "segtune.labelled_by": previous.resolve()})
