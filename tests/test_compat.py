@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import subprocess
 
@@ -120,3 +121,129 @@ def test_a_foreign_ray_version_is_refused_in_one_line(monkeypatch):
     with pytest.raises(SegtuneError) as err:
         compat.check_ray_version()
     assert "\n" not in str(err.value) and "ray[tune]==2.60.*" in str(err.value)
+
+
+TUNE_PROBE_HEAD = (
+    "import json, os, sys, time\n"
+    "from training.infra import compat\n"
+    "compat.keep_local_ray_on_loopback()\n"
+    "import ray\n"
+    "from ray import tune\n"
+)
+
+
+def run_probe(probe: str, tmp_path) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AIR_NEW_OUTPUT="0", PYTHONPATH=str(REPO))
+    out = subprocess.run([PYTHON, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().splitlines()
+
+
+def test_tune_trial_actor_starts_in_a_preloaded_idle_worker(tmp_path):
+    """local_init_kwargs(preload, workers) + tune_actors_take_prestarted_workers: the trial's process
+    is the idle worker Ray started at init, with the preloaded module already imported."""
+    probe = TUNE_PROBE_HEAD + (
+        "def children(pid):\n"
+        "    for entry in os.listdir('/proc'):\n"
+        "        try:\n"
+        "            status = open(f'/proc/{entry}/status').read()\n"
+        "            cmdline = open(f'/proc/{entry}/cmdline').read()\n"
+        "        except OSError:\n"
+        "            continue\n"
+        "        if f'PPid:\\t{pid}\\n' in status:\n"
+        "            yield int(entry), status.split()[1], cmdline\n"
+        "def idle_workers():\n"
+        "    raylets = [pid for pid, name, _ in children(os.getpid()) if name == 'raylet']\n"
+        "    return {pid for raylet in raylets for pid, _, cmd in children(raylet) if cmd.startswith('ray::IDLE')}\n"
+        "ray.init(**compat.local_init_kwargs(2, None, ('training.data.coco',), workers=1))\n"
+        "compat.tune_actors_take_prestarted_workers()\n"
+        "deadline = time.time() + 60\n"
+        "while time.time() < deadline and not idle_workers():\n"
+        "    time.sleep(0.5)\n"
+        "time.sleep(10)\n"  # its imports done
+        "before = idle_workers()\n"
+        "def trial(config):\n"
+        "    tune.report({'pid': os.getpid(), 'preloaded': 'training.data.coco' in sys.modules})\n"
+        f"res = tune.Tuner(trial, run_config=tune.RunConfig(storage_path={str(tmp_path)!r}, verbose=0)).fit()\n"
+        "m = res[0].metrics\n"
+        "print(json.dumps({'before': sorted(before), 'pid': m['pid'], 'preloaded': m['preloaded']}))\n"
+        "ray.shutdown()\n"
+    )
+    seen = json.loads(run_probe(probe, tmp_path)[-1])
+    assert len(seen["before"]) == 1, seen  # workers=1: one idle worker, not one per CPU
+    assert seen["pid"] in seen["before"] and seen["preloaded"], seen  # without the patch: a new process, nothing preloaded
+
+
+def test_checkpoint_torch_files_are_linked_into_local_storage_and_stay_as_reported(tmp_path):
+    """link_checkpoint_files_on_local_storage: a reported *.pt is hard-linked into the storage,
+    unchanged *.pt files are shared between checkpoints, a file replaced later (as save_torch
+    does) and a log appended later leave the earlier checkpoint as it was reported."""
+    probe = TUNE_PROBE_HEAD + (
+        "from pathlib import Path\n"
+        "from training.infra.fs import atomic_file\n"
+        "ray.init(**compat.local_init_kwargs(1, None))\n"
+        "def trial(config):\n"
+        "    compat.link_checkpoint_files_on_local_storage()\n"
+        "    work = Path(os.getcwd()) / 'work'\n"
+        "    work.mkdir()\n"
+        "    for epoch in (1, 2):\n"
+        "        with atomic_file(work / 'last.pt', 'wb') as f: f.write(f'epoch {epoch}'.encode())\n"
+        "        if epoch == 1: (work / 'best.pt').write_bytes(b'best')\n"
+        "        with open(work / 'events.log', 'a') as f: f.write(f'epoch {epoch}\\n')\n"
+        "        tune.report({'epoch': epoch}, checkpoint=tune.Checkpoint.from_directory(str(work)))\n"
+        f"tune.Tuner(trial, run_config=tune.RunConfig(storage_path={str(tmp_path)!r}, name='t', verbose=0)).fit()\n"
+        "ray.shutdown()\n"
+    )
+    run_probe(probe, tmp_path)
+    first, second = sorted((tmp_path / "t").glob("*/checkpoint_*"))
+    assert (first / "last.pt").read_bytes() == b"epoch 1" and (second / "last.pt").read_bytes() == b"epoch 2"
+    assert (first / "events.log").read_text() == "epoch 1\n" and (second / "events.log").read_text() == "epoch 1\nepoch 2\n"
+    assert os.stat(first / "best.pt").st_ino == os.stat(second / "best.pt").st_ino  # linked, not copied
+    assert os.stat(first / "events.log").st_ino != os.stat(second / "events.log").st_ino
+
+
+def test_an_interrupted_checkpoint_link_never_looks_complete(tmp_path):
+    """The linking copier puts last.pt last: a copy that stops midway leaves no last.pt, so
+    training/engine/checkpoint.status (and tune/resume.saved_run) never takes it for complete."""
+    from training.engine import checkpoint
+
+    source, dest = tmp_path / "work", tmp_path / "storage"
+    source.mkdir()
+    for name in ("best.pt", "last.pt", "metrics.json", "val_proba.npy", "val_target.npy", "events.log"):
+        (source / name).write_bytes(name.encode())
+    (dest / "val_target.npy").mkdir(parents=True)  # this copy fails (IsADirectoryError), as a kill would stop it
+    with pytest.raises(OSError):
+        compat._link_or_copy_tree(source, dest)
+    assert not (dest / checkpoint.LAST).exists() and (dest / "metrics.json").is_file()
+    (dest / "val_target.npy").rmdir()
+    compat._link_or_copy_tree(source, dest)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(p.name for p in source.iterdir())
+    assert os.stat(dest / "last.pt").st_ino == os.stat(source / "last.pt").st_ino
+
+
+def test_a_requeued_trial_is_not_failed_again_by_the_actor_it_was_taken_off():
+    """tune_ignores_failures_of_a_replaced_actor: a failure reaching a PENDING trial without an actor
+    is dropped; one reaching a trial that has its actor still goes to Tune (here: raised, fail_fast)."""
+    from ray.exceptions import ActorUnavailableError
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.experiment import Trial
+
+    compat.tune_ignores_failures_of_a_replaced_actor()
+    compat.tune_ignores_failures_of_a_replaced_actor()  # idempotent
+
+    class Controller:
+        RAISE = _fail_fast = TuneController.RAISE  # Tune's own handling re-raises: visible here
+        _trial_to_actor: dict = {}
+
+    trial = Trial("trainable", stub=True)
+    trial.set_status(Trial.PENDING)
+    lost = ActorUnavailableError("the actor is unavailable", b"\0" * 16)
+    assert TuneController._trial_task_failure(Controller(), trial, lost) is None and trial.num_failures == 0
+    Controller._trial_to_actor = {trial: object()}  # its new actor: a real failure, Tune's to handle
+    with pytest.raises(ActorUnavailableError):
+        TuneController._trial_task_failure(Controller(), trial, lost)
+    trial.set_status(Trial.RUNNING)
+    Controller._trial_to_actor = {}
+    with pytest.raises(ActorUnavailableError):
+        TuneController._trial_task_failure(Controller(), trial, lost)

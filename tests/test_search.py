@@ -691,3 +691,13 @@ def wait_for_nodes(address: str, count: int, env: dict, timeout: float = 90) -> 
             return
         time.sleep(1)
     raise AssertionError(f"the Ray cluster at {address} did not reach {count} nodes")
+
+
+def test_local_trial_slots_count_the_trials_a_machine_runs_at_once():
+    from training.config import SearchConfig
+    from tune.runner import local_trial_slots
+
+    assert local_trial_slots(SearchConfig(max_concurrent=2, num_samples=6, resources={"cpu": 1}), 2) == 2  # --smoke on 2 cores
+    assert local_trial_slots(SearchConfig(max_concurrent=1, num_samples=4, resources={"cpu": 2}), 2) == 1
+    assert local_trial_slots(SearchConfig(max_concurrent=8, num_samples=40, resources={"cpu": 4}), 2) == 1  # shrunk to the machine
+    assert local_trial_slots(SearchConfig(max_concurrent=8, num_samples=3, resources={"cpu": 0.5}), 16) == 3

@@ -283,7 +283,7 @@ SMOKE_PRESET: dict[str, Any] = {
         "n_startup_trials": 3,
         "scheduler": {"name": "asha", "max_t": 4, "grace_period": 1, "reduction_factor": 2},
         "resources": {"cpu": 1, "gpu": 0},
-        "max_failures": 1,
+        "max_failures": 2,
         "top_k": 2,
     },
 }

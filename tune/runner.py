@@ -26,8 +26,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-from training.config import SearchSpace, load_space
+from training.config import SearchConfig, SearchSpace, load_space
 from training.errors import ConfigError, SegtuneError
+from training.infra import compat
 from training.infra import lineage as tags
 from training.infra.fs import check_writable, results_root
 from training.infra.lineage import Lineage, new_stage_id
@@ -146,6 +147,7 @@ def run_search(opts: SearchOptions, log: Log = print) -> SearchOutcome:
     with StageLock(results_dir, "search"):
         session = open_session(opts, experiment, results_dir, space, log)
         try:
+            start_ray(session, opts, log)
             open_lineage(session, opts, log)
             run_tune(session, opts, log)
             session.ray.close()
@@ -211,6 +213,23 @@ def open_session(opts: SearchOptions, experiment: str, results_dir: Path, space:
     return SearchSession(experiment, results_dir, space, smoke, overrides, state, data, abandoned=abandoned)
 
 
+def start_ray(session: SearchSession, opts: SearchOptions, log: Log) -> None:
+    """Ray before MLflow and Tune's set-up: a local Ray's idle workers, one per trial that can run
+    at once, import the trainer (seconds of torch/smp imports) meanwhile, not while the first trial waits."""
+    from tune.trainable import train_trial
+
+    started = time.perf_counter()
+    session.ray = connect(opts.address, opts.num_cpus, opts.ray_temp_dir, log, preload=(train_trial.__module__,),
+                          workers=local_trial_slots(session.space.defaults.search, opts.num_cpus or os.cpu_count() or 1))
+    session.ray_seconds = time.perf_counter() - started
+
+
+def local_trial_slots(search: SearchConfig, cpus: int) -> int:
+    """How many trials a local Ray of `cpus` CPUs runs at once (fit_resources shrinks a trial to the machine)."""
+    per_trial = min(search.resources.cpu, cpus) or 1
+    return max(1, min(search.max_concurrent, search.num_samples, int(cpus // per_trial)))
+
+
 def new_state(uri: str, experiment: str, results_dir: Path, space: SearchSpace, smoke: bool, overrides: dict, data) -> SearchState:
     if os.environ.get("SEGTUNE_STORAGE"):
         storage_path, tune_name = os.environ["SEGTUNE_STORAGE"], experiment
@@ -262,6 +281,8 @@ def fail_start(session: SearchSession, err: BaseException, log: Log) -> None:
 
 
 def tune_environment() -> None:
+    compat.tune_actors_take_prestarted_workers()
+    compat.tune_ignores_failures_of_a_replaced_actor()
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new output engine ignores CLIReporter
     # num_to_keep snapshots the experiment state at every checkpoint, on purpose (resume
     # loses at most the running epoch); Tune warns about that each time.
@@ -282,9 +303,6 @@ def run_tune(session: SearchSession, opts: SearchOptions, log: Log) -> None:
     from tune.trainable import train_trial
     from tune.tuner import new_tuner, reload_study
 
-    ray_started = time.perf_counter()
-    session.ray = connect(opts.address, opts.num_cpus, opts.ray_temp_dir, log)
-    session.ray_seconds = time.perf_counter() - ray_started
     tune_environment()
     continuing = session.state.data["sessions"][-1]["resume"]
     if continuing:

@@ -28,6 +28,7 @@ from training.config import SearchSpace
 from training.data.dataset import PreparedData
 from training.engine import checkpoint as run_dir
 from training.engine.trainer import EpochResult, train
+from training.infra import compat
 from tune.cost import OVER_BUDGET_KEY, OverBudget, over_budget_line
 from tune.resume import replay_ending, saved_run
 from tune.space import trial_budget, trial_params
@@ -89,6 +90,7 @@ def train_trial(config: dict[str, Any], space: SearchSpace, data: PreparedData, 
     `tune_path`: the experiment's storage directory (trial directories below it).
     """
     _track_trial_thread()
+    compat.link_checkpoint_files_on_local_storage()
     ctx = get_context()
     trial_id = ctx.get_trial_id()
     if ended and trial_id in ended:

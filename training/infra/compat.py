@@ -54,12 +54,127 @@ def keep_local_ray_on_loopback() -> None:
         constants.ENABLE_RAY_CLUSTER = False  # ray was imported before this call (in-process use)
 
 
-def local_init_kwargs(num_cpus: int | None, temp_dir: str | None) -> dict[str, Any]:
-    """ray.init() arguments of a local, loopback-only instance (private: _node_ip_address, _temp_dir)."""
+def local_init_kwargs(num_cpus: int | None, temp_dir: str | None, preload: tuple[str, ...] = (), workers: int | None = None) -> dict[str, Any]:
+    """ray.init() arguments of a local, loopback-only instance (private: _node_ip_address, _temp_dir, _system_config).
+
+    preload: modules every worker imports before it takes work (Ray's `preload_python_modules`).
+    As the driver connects the raylet starts idle workers (one per CPU, or `workers`: Ray's
+    `num_workers_soft_limit`), so they import torch and the trainer (3.5 s measured) while the
+    driver sets up, not inside the first trial's time; `workers` keeps that to the processes
+    that will be used, rather than one per core competing with the driver for the CPUs.
+    """
     kwargs: dict[str, Any] = {"_node_ip_address": "127.0.0.1", "num_cpus": num_cpus, "include_dashboard": False, "log_to_driver": True}
     if temp_dir:
         kwargs["_temp_dir"] = temp_dir
+    system: dict[str, Any] = {}
+    if preload:
+        system["preload_python_modules"] = list(preload)
+    if workers:
+        system["num_workers_soft_limit"] = int(workers)
+    if system:
+        kwargs["_system_config"] = system
     return kwargs
+
+
+def tune_actors_take_prestarted_workers() -> None:
+    """Let Tune's trial actors start in the raylet's idle, preloaded workers.
+
+    ray.tune.execution.class_cache gives every trainable actor runtime_env
+    {"env_vars": {"PL_DISABLE_FORK": "1"}} (for PyTorch Lightning, which we do not use). A
+    runtime env other than the job's keeps Ray from handing the actor an idle worker, so the
+    first trial on each node paid a new process plus the torch/smp imports (measured: the
+    actor's process was always younger than the fit; 3.5 s of imports). Without the variable
+    the runtime env is empty and the actor takes a prestarted worker. Variables Tune copies
+    from the driver's environment (AWS keys, Train settings) still make a runtime env.
+    """
+    from ray.tune.execution import class_cache
+
+    defaults = getattr(class_cache, "DEFAULT_ENV_VARS", None)
+    if not isinstance(defaults, dict):
+        raise SegtuneError("ray.tune.execution.class_cache.DEFAULT_ENV_VARS is gone in this Ray; see training/infra/compat.py")
+    defaults.pop("PL_DISABLE_FORK", None)
+
+
+def tune_ignores_failures_of_a_replaced_actor() -> None:
+    """A trial already requeued after its actor died is not failed again by that actor's other tasks.
+
+    A reused actor runs `reset` and `train` for a trial's start; when its node is lost both
+    futures fail. TuneController handles the first (counts a failure, stops the actor, requeues
+    the trial as PENDING) and then the second, which counts another failure and, the trial being
+    PENDING rather than RUNNING, errors it whatever FailureConfig.max_failures allows (seen:
+    ActorUnavailableError twice within 10 ms, trial errored after 0 epochs; tests/test_multinode.py).
+    A failure reaching a PENDING trial that has no actor any more can only come from the actor it
+    was just taken off, so it is dropped. A pending trial whose new actor fails still has that
+    actor and is handled by Tune as before.
+    """
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.experiment import Trial
+
+    original = getattr(TuneController, "_trial_task_failure", None)
+    if original is None:
+        raise SegtuneError("ray.tune TuneController._trial_task_failure is gone in this Ray; see training/infra/compat.py")
+    if getattr(original, "drops_replaced_actor_failures", False):
+        return
+
+    def _trial_task_failure(self, trial, exception):
+        if trial.status == Trial.PENDING and trial not in getattr(self, "_trial_to_actor", {trial: None}):
+            return None
+        return original(self, trial, exception)
+
+    _trial_task_failure.drops_replaced_actor_failures = True
+    TuneController._trial_task_failure = _trial_task_failure
+
+
+def link_checkpoint_files_on_local_storage() -> None:
+    """Tune hard-links a trial's torch files into a local experiment storage instead of copying them.
+
+    Every epoch the trial reports its run directory as a checkpoint and Tune copies all of it
+    to the storage (ray.train._internal.storage.persist_current_checkpoint ->
+    _pyarrow_fs_copy_files): last.pt (model + optimizer state, ~150 MB for DeepLabV3+ resnet18)
+    and best.pt again, every epoch. Ray has no option to link. When source and destination
+    are one local filesystem, the *.pt files are hard-linked: the trainer never writes them in
+    place (training/infra/fs.save_torch replaces the file), so a later epoch cannot change a
+    persisted checkpoint. Other files (appended logs, plots, arrays) are copied; another
+    device or filesystem falls back to Ray's copy. Idempotent; in the trial's process.
+    """
+    from ray.train._internal import storage
+
+    original = getattr(storage, "_pyarrow_fs_copy_files", None)
+    if original is None:
+        raise SegtuneError("ray.train._internal.storage._pyarrow_fs_copy_files is gone in this Ray; see training/infra/compat.py")
+    if getattr(original, "links_torch_files", False):
+        return
+    import pyarrow.fs
+
+    def copy_files(source, destination, source_filesystem=None, destination_filesystem=None, **kwargs):
+        local = pyarrow.fs.LocalFileSystem
+        if isinstance(source_filesystem, local) and isinstance(destination_filesystem, local) and os.path.isdir(source):
+            try:
+                _link_or_copy_tree(Path(source), Path(destination))
+                return None
+            except OSError:
+                pass  # e.g. another device: Ray's copy below overwrites whatever was linked
+        return original(source, destination, source_filesystem=source_filesystem, destination_filesystem=destination_filesystem, **kwargs)
+
+    copy_files.links_torch_files = True
+    storage._pyarrow_fs_copy_files = copy_files
+
+
+def _link_or_copy_tree(source: Path, destination: Path) -> None:
+    """Copies first, then the links, last.pt last: a worker killed in between leaves a checkpoint
+    without last.pt, which training/engine/checkpoint.status never takes for a complete one."""
+    import shutil
+
+    files = sorted(p for p in source.rglob("*") if not p.is_dir())
+    for path in sorted(files, key=lambda p: (p.suffix == ".pt", p.name == "last.pt")):
+        target = destination / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() or target.is_symlink():
+            target.unlink()
+        if path.suffix == ".pt":
+            os.link(path, target)
+        else:
+            shutil.copyfile(path, target)
 
 
 def generator_backpressure(objects: int) -> dict[str, int]:

@@ -50,8 +50,13 @@ def held_interrupts() -> Iterator[list]:
         signal.signal(signal.SIGINT, previous)
 
 
-def connect(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None, log: Log = print) -> RaySession:
-    """Join `address` (or RAY_ADDRESS), else start a local Ray bound to 127.0.0.1 only."""
+def connect(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None, log: Log = print,
+            preload: tuple[str, ...] = (), workers: int | None = None) -> RaySession:
+    """Join `address` (or RAY_ADDRESS), else start a local Ray bound to 127.0.0.1 only.
+
+    preload, workers: a local Ray's idle workers, started as it comes up, import `preload`
+    before taking work; `workers` of them (default: one per CPU). See compat.local_init_kwargs.
+    """
     address = address or os.environ.get("RAY_ADDRESS") or None
     if not address:
         compat.keep_local_ray_on_loopback()  # before `import ray` where possible
@@ -65,7 +70,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, temp_dir: s
         log(f"ray: joined the cluster at {address}")
         return RaySession(started=False, address=address)
     with held_interrupts() as interrupted:
-        ray.init(**compat.local_init_kwargs(num_cpus or os.cpu_count(), temp_dir))
+        ray.init(**compat.local_init_kwargs(num_cpus or os.cpu_count(), temp_dir, preload, workers))
     if interrupted:
         ray.shutdown()
         raise KeyboardInterrupt
