@@ -147,7 +147,6 @@ def run_search(opts: SearchOptions, log: Log = print) -> SearchOutcome:
     with StageLock(results_dir, "search"):
         session = open_session(opts, experiment, results_dir, space, log)
         try:
-            start_ray(session, opts, log)
             open_lineage(session, opts, log)
             run_tune(session, opts, log)
             session.ray.close()
@@ -214,8 +213,9 @@ def open_session(opts: SearchOptions, experiment: str, results_dir: Path, space:
 
 
 def start_ray(session: SearchSession, opts: SearchOptions, log: Log) -> None:
-    """Ray before MLflow and Tune's set-up: a local Ray's idle workers, one per trial that can run
-    at once, import the trainer (seconds of torch/smp imports) meanwhile, not while the first trial waits."""
+    """Ray, after the parent run exists (a search stopped before its first trial closes that run
+    FAILED): a local Ray's idle workers, one per trial that can run at once, start importing the
+    trainer (seconds of torch/smp imports) as Ray comes up, before Tune asks for them."""
     from tune.trainable import train_trial
 
     started = time.perf_counter()
@@ -303,6 +303,7 @@ def run_tune(session: SearchSession, opts: SearchOptions, log: Log) -> None:
     from tune.trainable import train_trial
     from tune.tuner import new_tuner, reload_study
 
+    start_ray(session, opts, log)
     tune_environment()
     continuing = session.state.data["sessions"][-1]["resume"]
     if continuing:
