@@ -184,7 +184,7 @@ def test_checkpoint_torch_files_are_linked_into_local_storage_and_stay_as_report
         "from training.infra.fs import atomic_file\n"
         "ray.init(**compat.local_init_kwargs(1, None))\n"
         "def trial(config):\n"
-        "    compat.link_checkpoint_files_on_local_storage()\n"
+        "    compat.link_checkpoint_files_on_local_storage('last.pt')\n"
         "    work = Path(os.getcwd()) / 'work'\n"
         "    work.mkdir()\n"
         "    for epoch in (1, 2):\n"
@@ -214,10 +214,10 @@ def test_an_interrupted_checkpoint_link_never_looks_complete(tmp_path):
         (source / name).write_bytes(name.encode())
     (dest / "val_target.npy").mkdir(parents=True)  # this copy fails (IsADirectoryError), as a kill would stop it
     with pytest.raises(OSError):
-        compat._link_or_copy_tree(source, dest)
+        compat._link_or_copy_tree(source, dest, checkpoint.LAST)
     assert not (dest / checkpoint.LAST).exists() and (dest / "metrics.json").is_file()
     (dest / "val_target.npy").rmdir()
-    compat._link_or_copy_tree(source, dest)
+    compat._link_or_copy_tree(source, dest, checkpoint.LAST)
     assert sorted(p.name for p in dest.iterdir()) == sorted(p.name for p in source.iterdir())
     assert os.stat(dest / "last.pt").st_ino == os.stat(source / "last.pt").st_ino
 

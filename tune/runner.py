@@ -226,7 +226,7 @@ def start_ray(session: SearchSession, opts: SearchOptions, log: Log) -> None:
 
 def local_trial_slots(search: SearchConfig, cpus: int) -> int:
     """How many trials a local Ray of `cpus` CPUs runs at once (fit_resources shrinks a trial to the machine)."""
-    per_trial = min(search.resources.cpu, cpus) or 1
+    per_trial = min(search.resources.cpu, cpus)  # resources.cpu > 0 (config)
     return max(1, min(search.max_concurrent, search.num_samples, int(cpus // per_trial)))
 
 

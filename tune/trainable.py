@@ -90,7 +90,7 @@ def train_trial(config: dict[str, Any], space: SearchSpace, data: PreparedData, 
     `tune_path`: the experiment's storage directory (trial directories below it).
     """
     _track_trial_thread()
-    compat.link_checkpoint_files_on_local_storage()
+    compat.link_checkpoint_files_on_local_storage(run_dir.LAST)
     ctx = get_context()
     trial_id = ctx.get_trial_id()
     if ended and trial_id in ended:

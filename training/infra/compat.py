@@ -60,7 +60,7 @@ def local_init_kwargs(num_cpus: int | None, temp_dir: str | None, preload: tuple
     preload: modules every worker imports before it takes work (Ray's `preload_python_modules`).
     As the driver connects the raylet starts idle workers (one per CPU, or `workers`: Ray's
     `num_workers_soft_limit`), so they import torch and the trainer (3.5 s measured) while the
-    driver sets up, not inside the first trial's time; `workers` keeps that to the processes
+    driver finishes setting up, not all inside the first trial's time; `workers` keeps that to the processes
     that will be used, rather than one per core competing with the driver for the CPUs.
     """
     kwargs: dict[str, Any] = {"_node_ip_address": "127.0.0.1", "num_cpus": num_cpus, "include_dashboard": False, "log_to_driver": True}
@@ -125,7 +125,7 @@ def tune_ignores_failures_of_a_replaced_actor() -> None:
     TuneController._trial_task_failure = _trial_task_failure
 
 
-def link_checkpoint_files_on_local_storage() -> None:
+def link_checkpoint_files_on_local_storage(last: str) -> None:
     """Tune hard-links a trial's torch files into a local experiment storage instead of copying them.
 
     Every epoch the trial reports its run directory as a checkpoint and Tune copies all of it
@@ -134,8 +134,9 @@ def link_checkpoint_files_on_local_storage() -> None:
     and best.pt again, every epoch. Ray has no option to link. When source and destination
     are one local filesystem, the *.pt files are hard-linked: the trainer never writes them in
     place (training/infra/fs.save_torch replaces the file), so a later epoch cannot change a
-    persisted checkpoint. Other files (appended logs, plots, arrays) are copied; another
-    device or filesystem falls back to Ray's copy. Idempotent; in the trial's process.
+    persisted checkpoint. Other files (appended logs, plots, arrays) are copied; `last` (the
+    file whose presence marks a complete checkpoint) is linked last. Another device or
+    filesystem falls back to Ray's copy. Idempotent; in the trial's process.
     """
     from ray.train._internal import storage
 
@@ -150,7 +151,7 @@ def link_checkpoint_files_on_local_storage() -> None:
         local = pyarrow.fs.LocalFileSystem
         if isinstance(source_filesystem, local) and isinstance(destination_filesystem, local) and os.path.isdir(source):
             try:
-                _link_or_copy_tree(Path(source), Path(destination))
+                _link_or_copy_tree(Path(source), Path(destination), last)
                 return None
             except OSError:
                 pass  # e.g. another device: Ray's copy below overwrites whatever was linked
@@ -160,13 +161,13 @@ def link_checkpoint_files_on_local_storage() -> None:
     storage._pyarrow_fs_copy_files = copy_files
 
 
-def _link_or_copy_tree(source: Path, destination: Path) -> None:
-    """Copies first, then the links, last.pt last: a worker killed in between leaves a checkpoint
-    without last.pt, which training/engine/checkpoint.status never takes for a complete one."""
+def _link_or_copy_tree(source: Path, destination: Path, last: str) -> None:
+    """Copies first, then the links, `last` last: a worker killed in between leaves a checkpoint
+    without it, which training/engine/checkpoint.status never takes for a complete one."""
     import shutil
 
     files = sorted(p for p in source.rglob("*") if not p.is_dir())
-    for path in sorted(files, key=lambda p: (p.suffix == ".pt", p.name == "last.pt")):
+    for path in sorted(files, key=lambda p: (p.suffix == ".pt", p.name == last)):
         target = destination / path.relative_to(source)
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists() or target.is_symlink():
