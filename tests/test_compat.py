@@ -140,9 +140,10 @@ def run_probe(probe: str, tmp_path) -> list[str]:
     return out.stdout.strip().splitlines()
 
 
-def test_tune_trial_actor_starts_in_a_preloaded_idle_worker(tmp_path):
-    """local_init_kwargs(preload, workers) + tune_actors_take_prestarted_workers: the trial's process
-    is the idle worker Ray started at init, with the preloaded module already imported."""
+def test_tune_trial_actor_starts_in_the_one_preloaded_idle_worker(tmp_path):
+    """local_init_kwargs(preload, workers) + raylet_prestarts + tune_actors_take_prestarted_workers:
+    the raylet starts one idle worker (not one per CPU), and the trial runs in it, with the
+    preloaded module already imported."""
     probe = TUNE_PROBE_HEAD + (
         "def children(pid):\n"
         "    for entry in os.listdir('/proc'):\n"
@@ -153,26 +154,31 @@ def test_tune_trial_actor_starts_in_a_preloaded_idle_worker(tmp_path):
         "            continue\n"
         "        if f'PPid:\\t{pid}\\n' in status:\n"
         "            yield int(entry), status.split()[1], cmdline\n"
+        "def raylet():\n"
+        "    return next((pid, cmd) for pid, name, cmd in children(os.getpid()) if name == 'raylet')\n"
         "def idle_workers():\n"
-        "    raylets = [pid for pid, name, _ in children(os.getpid()) if name == 'raylet']\n"
-        "    return {pid for raylet in raylets for pid, _, cmd in children(raylet) if cmd.startswith('ray::IDLE')}\n"
-        "ray.init(**compat.local_init_kwargs(2, None, ('training.data.coco',), workers=1))\n"
+        "    return {pid for pid, _, cmd in children(raylet()[0]) if cmd.startswith('ray::IDLE')}\n"
+        "with compat.raylet_prestarts(1) as rewritten:\n"
+        "    ray.init(**compat.local_init_kwargs(2, None, ('training.data.coco',), workers=1))\n"
         "compat.tune_actors_take_prestarted_workers()\n"
-        "deadline = time.time() + 60\n"
-        "while time.time() < deadline and not idle_workers():\n"
-        "    time.sleep(0.5)\n"
-        "time.sleep(10)\n"  # its imports done
+        "started, deadline = set(), time.time() + 12\n"  # every worker seen while they start and import
+        "while time.time() < deadline:\n"
+        "    started |= idle_workers()\n"
+        "    time.sleep(0.1)\n"
         "before = idle_workers()\n"
+        "flags = [a for a in raylet()[1].split('\\0') if a.startswith('--num_prestart_python_workers=')]\n"
         "def trial(config):\n"
         "    tune.report({'pid': os.getpid(), 'preloaded': 'training.data.coco' in sys.modules})\n"
         f"res = tune.Tuner(trial, run_config=tune.RunConfig(storage_path={str(tmp_path)!r}, verbose=0)).fit()\n"
         "m = res[0].metrics\n"
-        "print(json.dumps({'before': sorted(before), 'pid': m['pid'], 'preloaded': m['preloaded']}))\n"
+        "print(json.dumps({'rewritten': rewritten, 'flags': flags, 'started': sorted(started), 'before': sorted(before),\n"
+        "                  'pid': m['pid'], 'preloaded': m['preloaded']}))\n"
         "ray.shutdown()\n"
     )
     seen = json.loads(run_probe(probe, tmp_path)[-1])
-    assert len(seen["before"]) == 1, seen  # workers=1: one idle worker, not one per CPU
-    assert seen["pid"] in seen["before"] and seen["preloaded"], seen  # without the patch: a new process, nothing preloaded
+    assert seen["rewritten"] == [1] and seen["flags"] == ["--num_prestart_python_workers=1"], seen  # Ray's default: 2 (the CPUs)
+    assert len(seen["started"]) == 1 and seen["before"] == seen["started"], seen  # without raylet_prestarts: 2 started
+    assert seen["pid"] in seen["before"] and seen["preloaded"], seen  # without the Tune patch: a new process, nothing preloaded
 
 
 def test_checkpoint_torch_files_are_linked_into_local_storage_and_stay_as_reported(tmp_path):

@@ -130,7 +130,8 @@ def test_a_search_stopped_during_start_up_blocks_nothing(tiny, tmp_path, sig):
     with open(log, "w") as out:
         proc = subprocess.Popen(tiny_cmd(tiny, "early", uri), cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
-            # Stopped the moment its MLflow parent run exists: Ray is coming up, no trial is scheduled yet.
+            # Stopped the moment its MLflow parent run exists: Ray is up, Tune sets up or waits for the first
+            # trial's worker (a Ctrl-C Tune catches itself), no trial is scheduled yet.
             wait_until(lambda: state_of(results, "early").get("mlflow", {}).get("parent_run_id"), proc, 120, log, "its parent run")
             assert state_of(results, "early")["status"] == "starting"
             proc.send_signal(sig)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from training.errors import SegtuneError
 
@@ -58,10 +59,10 @@ def local_init_kwargs(num_cpus: int | None, temp_dir: str | None, preload: tuple
     """ray.init() arguments of a local, loopback-only instance (private: _node_ip_address, _temp_dir, _system_config).
 
     preload: modules every worker imports before it takes work (Ray's `preload_python_modules`).
-    As the driver connects the raylet starts idle workers (one per CPU, or `workers`: Ray's
-    `num_workers_soft_limit`), so they import torch and the trainer (3.5 s measured) while the
-    driver finishes setting up, not all inside the first trial's time; `workers` keeps that to the processes
-    that will be used, rather than one per core competing with the driver for the CPUs.
+    As the driver connects the raylet starts idle workers, so they import torch and the trainer
+    (3.5 s measured) while the driver finishes setting up, not all inside the first trial's time.
+    workers: how many stay idle (Ray's `num_workers_soft_limit`); start only that many with
+    `raylet_prestarts(workers)` around ray.init.
     """
     kwargs: dict[str, Any] = {"_node_ip_address": "127.0.0.1", "num_cpus": num_cpus, "include_dashboard": False, "log_to_driver": True}
     if temp_dir:
@@ -74,6 +75,42 @@ def local_init_kwargs(num_cpus: int | None, temp_dir: str | None, preload: tuple
     if system:
         kwargs["_system_config"] = system
     return kwargs
+
+
+@contextmanager
+def raylet_prestarts(workers: int | None) -> Iterator[list[int]]:
+    """Inside the block, a local raylet starts `workers` idle workers when the driver connects, not one per CPU.
+
+    Ray passes the raylet `--num_prestart_python_workers=<CPUs>` (ray._private.services.start_raylet)
+    and has no setting for it. With modules to preload, every one of those workers imports torch
+    and the trainer: on 2 cores the unused second worker took half the CPU from the one the first
+    trial waited for (first trial 1.5 s later, measured); on a 16-core box 16 workers would each
+    import torch for one or two trials. Yields the counts it rewrote (empty: Ray's default kept).
+    """
+    if not workers:
+        yield []
+        return
+    from ray._private import ray_constants, services
+
+    original = getattr(services, "start_ray_process", None)
+    if original is None or not hasattr(ray_constants, "PROCESS_TYPE_RAYLET"):
+        raise SegtuneError("ray._private.services.start_ray_process is gone in this Ray; see training/infra/compat.py")
+    flag, rewritten = "--num_prestart_python_workers=", []
+
+    def start_ray_process(command, process_type, *args, **kwargs):
+        if process_type == ray_constants.PROCESS_TYPE_RAYLET:
+            for i, arg in enumerate(command):
+                if arg.startswith(flag):
+                    rewritten.append(min(int(workers), int(arg[len(flag):])))
+                    command = [*command[:i], f"{flag}{rewritten[-1]}", *command[i + 1:]]
+                    break
+        return original(command, process_type, *args, **kwargs)
+
+    services.start_ray_process = start_ray_process
+    try:
+        yield rewritten
+    finally:
+        services.start_ray_process = original
 
 
 def tune_actors_take_prestarted_workers() -> None:

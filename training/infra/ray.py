@@ -55,7 +55,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, temp_dir: s
     """Join `address` (or RAY_ADDRESS), else start a local Ray bound to 127.0.0.1 only.
 
     preload, workers: a local Ray's idle workers, started as it comes up, import `preload`
-    before taking work; `workers` of them (default: one per CPU). See compat.local_init_kwargs.
+    before taking work; `workers` of them (default: one per CPU). See compat.local_init_kwargs
+    and compat.raylet_prestarts.
     """
     address = address or os.environ.get("RAY_ADDRESS") or None
     if not address:
@@ -69,7 +70,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, temp_dir: s
         ray.init(address=address, log_to_driver=True)
         log(f"ray: joined the cluster at {address}")
         return RaySession(started=False, address=address)
-    with held_interrupts() as interrupted:
+    with held_interrupts() as interrupted, compat.raylet_prestarts(workers if preload else None):
         ray.init(**compat.local_init_kwargs(num_cpus or os.cpu_count(), temp_dir, preload, workers))
     if interrupted:
         ray.shutdown()
