@@ -701,3 +701,15 @@ def test_local_trial_slots_count_the_trials_a_machine_runs_at_once():
     assert local_trial_slots(SearchConfig(max_concurrent=1, num_samples=4, resources={"cpu": 2}), 2) == 1
     assert local_trial_slots(SearchConfig(max_concurrent=8, num_samples=40, resources={"cpu": 4}), 2) == 1  # shrunk to the machine
     assert local_trial_slots(SearchConfig(max_concurrent=8, num_samples=3, resources={"cpu": 0.5}), 16) == 3
+
+
+def test_the_worker_preload_names_importable_modules_and_the_trainable():
+    """Every Ray worker imports WORKER_PRELOAD at start: a stale name would fail every worker, and
+    without the trainable's module the first trial would pay its imports again."""
+    import importlib.util
+
+    from tune.runner import WORKER_PRELOAD
+    from tune.trainable import train_trial
+
+    assert train_trial.__module__ in WORKER_PRELOAD
+    assert all(importlib.util.find_spec(name) is not None for name in WORKER_PRELOAD), WORKER_PRELOAD
