@@ -51,7 +51,7 @@ def searcher_result(result: dict | None) -> dict | None:
     """The final result a searcher is told: an over-budget trial without its metric, which Optuna records as pruned."""
     if not result or not result.get(OVER_BUDGET_KEY):
         return result
-    from tune.space import SEARCHABLE_METRICS
+    from tune.checks import SEARCHABLE_METRICS
 
     return {k: v for k, v in result.items() if k not in SEARCHABLE_METRICS}
 

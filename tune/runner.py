@@ -124,7 +124,7 @@ def cli_overrides(opts: SearchOptions) -> dict[str, Any]:
 
 def load_checked_space(name: str, smoke: bool, overrides: dict[str, Any]) -> SearchSpace:
     """The space, validated; with --smoke the main config's search settings are checked too."""
-    from tune.space import check_search
+    from tune.checks import check_search
 
     space = load_space(name, smoke=smoke, overrides=overrides)
     if getattr(space, "main", None) is not None:
